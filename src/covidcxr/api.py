@@ -1,0 +1,541 @@
+"""The few functions the CLI and the web app call: analyse one chest X-ray, explain it, serve case thumbnails.
+
+:class:`CaseService` holds the loaded classifier (or ensemble) artifact, the lung segmenter and the similar-case
+index; it is built once when the server starts and then shared by all requests. Analysing one upload runs
+segmentation (lung mask + QC flags), the classifier (probability, label at the stored threshold, embedding),
+Grad-CAM (heat map and its share inside the lungs) and the similar-case search.
+
+Privacy rules kept here: uploads are decoded from memory under the neutral name ``upload`` (a client file name
+can carry a patient name), nothing from the DICOM header except format facts (size, bit depth, view, modality)
+reaches a response or a log line, and uploads are written to disk only when ``keep_uploads`` is set, under a
+server-generated name. Thumbnails are looked up by ``case_id`` in the index metadata; a client value is never
+joined to a path.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import shlex
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from covidcxr import __version__
+from covidcxr.errors import ConfigError, ImageTooLargeError, IndexError_, UnsupportedImageError
+
+log = logging.getLogger(__name__)
+
+UPLOAD_NAME = "upload"
+"""Name under which uploads are decoded (and therefore named in error messages)."""
+LOW_LUNG_ENERGY = 0.5
+"""Below this share of Grad-CAM energy inside the lungs, the result carries the flag ``heatmap_outside_lungs``."""
+ACCEPTED_FORMATS = ("png", "jpeg", "dicom")
+_PUBLIC_METADATA = ("source", "view", "study_date")  # index metadata columns safe to show (never file paths)
+
+
+@dataclass
+class ServeSettings:
+    """Service settings (the ``covidcxr serve`` options).
+
+    Attributes:
+        host: Interface to bind; loopback by default so nothing is exposed without asking.
+        port: TCP port.
+        max_upload_mb: Largest accepted upload in MB (10**6 bytes), answered with 413 above.
+        keep_uploads: Folder where uploads are kept under server-generated names; None keeps nothing on disk.
+        k: Similar cases returned per analysis.
+        display_size: Longer side of the image and overlay PNGs sent to the page.
+        thumbnail_size: Longer side of case thumbnails.
+        segmenter_weights: Lung-segmenter weights; None uses the model's own segmenter, else the shipped one.
+        device: Inference device (``auto``, ``cpu``, ``cuda``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = 50.0
+    keep_uploads: Path | None = None
+    k: int = 8
+    display_size: int = 768
+    thumbnail_size: int = 160
+    segmenter_weights: Path | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.max_upload_mb > 0:
+            raise ConfigError(f"max_upload_mb={self.max_upload_mb}: must be positive")
+        if int(self.k) < 1:
+            raise ConfigError(f"k={self.k}: must be at least 1")
+        if not 0 <= int(self.port) <= 65535:
+            raise ConfigError(f"port={self.port}: must be in 0..65535")
+        if int(self.display_size) < 64 or int(self.thumbnail_size) < 16:
+            raise ConfigError(f"display_size={self.display_size}/thumbnail_size={self.thumbnail_size}: too small")
+        if self.keep_uploads is not None:
+            self.keep_uploads = Path(self.keep_uploads)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """Upload limit in bytes."""
+        return int(self.max_upload_mb * 1_000_000)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Upload format from the magic bytes: ``png``, ``jpeg``, ``dicom`` or None (the name is never trusted).
+
+    Args:
+        data: File content.
+
+    Returns:
+        The format, or None for anything else.
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def serve_command(model_dir: str | Path, index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """The shell command that serves a model and index (printed by ``covidcxr demo``).
+
+    Args:
+        model_dir: Model artifact folder.
+        index_dir: Case index folder.
+        host: Bind address.
+        port: TCP port.
+
+    Returns:
+        e.g. ``covidcxr serve --model out/model --index out/index --host 127.0.0.1 --port 8000``.
+    """
+    parts = ["covidcxr", "serve", "--model", str(model_dir), "--index", str(index_dir), "--host", host,
+             "--port", str(port)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def png_base64(array: np.ndarray) -> str:
+    """Encode a uint8 gray/RGB/RGBA array (or a float gray array in [0, 1]) as base64 PNG."""
+    from PIL import Image
+
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8:
+        arr = np.uint8(np.rint(np.clip(arr, 0.0, 1.0) * 255))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fit_size(shape: tuple[int, int], longest: int) -> tuple[int, int]:
+    h, w = shape
+    scale = min(1.0, longest / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _resize(array: np.ndarray, shape: tuple[int, int], *, nearest: bool = False) -> np.ndarray:
+    import cv2
+
+    h, w = shape
+    if array.shape[:2] == (h, w):
+        return array
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    return cv2.resize(array, (w, h), interpolation=interp)
+
+
+class CaseService:
+    """Loaded model, segmenter and index, answering analyses for the CLI and the web app.
+
+    Model calls are serialised with a lock: Grad-CAM hooks the network and the artifact keeps per-call state,
+    so two threads must not run it at once. Decoding and PNG encoding run outside the lock.
+
+    Args:
+        artifact: Loaded classifier or ensemble artifact.
+        index: Loaded :class:`~covidcxr.index.CaseIndex` built with this model's embeddings.
+        segmenter: Object with ``predict(images) -> list[SegResult]``.
+        settings: Service settings.
+        segmenter_key: SHA-256 of the segmenter weights when they are the model's own (its masks can then be
+            handed to the model instead of segmenting twice).
+        index_dir: Index folder (relative thumbnail paths in the metadata are resolved against it).
+    """
+
+    def __init__(
+        self,
+        artifact: Any,
+        index: Any,
+        segmenter: Any,
+        settings: ServeSettings | None = None,
+        *,
+        segmenter_key: str | None = None,
+        index_dir: str | Path | None = None,
+    ) -> None:
+        self.artifact = artifact
+        self.index = index
+        self.segmenter = segmenter
+        self.settings = settings or ServeSettings()
+        self.segmenter_key = segmenter_key
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self._model_lock = threading.Lock()
+        self._thumb_lock = threading.Lock()
+        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        meta = index.metadata_
+        self._rows = {str(cid): i for i, cid in enumerate(meta["case_id"].tolist())}
+        self._thumb_source = self._thumbnail_sources(meta)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, model_dir: str | Path, index_dir: str | Path, settings: ServeSettings | None = None) -> CaseService:
+        """Load the artifact, its segmenter and the index (checking that the index fits the model).
+
+        Args:
+            model_dir: Classifier or ensemble artifact folder.
+            index_dir: Case index folder built with this model's embeddings.
+            settings: Service settings.
+
+        Returns:
+            The service.
+
+        Raises:
+            ModelError: Missing or corrupt model.
+            IndexError_: Missing or corrupt index; IndexMismatchError when built with another model.
+        """
+        from covidcxr.artifact import load_artifact
+        from covidcxr.index import CaseIndex
+
+        settings = settings or ServeSettings()
+        t0 = time.perf_counter()
+        artifact = load_artifact(model_dir, settings.device)
+        index = CaseIndex.load(index_dir, expect_model_hash=artifact.weights_hash,
+                               expect_dim=int(artifact.num_features))
+        segmenter, key = _pick_segmenter(artifact, settings.segmenter_weights)
+        log.info("loaded model %s (%s), index of %d cases and segmenter in %.1f s", model_dir,
+                 artifact.weights_hash[:12], len(index), time.perf_counter() - t0)
+        return cls(artifact, index, segmenter, settings, segmenter_key=key, index_dir=index_dir)
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """Model identity shown with every result."""
+        cfg = self.artifact.config
+        members = getattr(self.artifact, "members", None)
+        return {
+            "version": self.artifact.weights_hash[:12],
+            "weights_sha256": self.artifact.weights_hash,
+            "kind": getattr(self.artifact, "kind", cfg.get("kind", "classifier")),
+            "arch": "+".join(m.config["arch"] for m in members) if members else cfg.get("arch"),
+            "seg_mode": getattr(self.artifact, "seg_mode", cfg.get("seg_mode")),
+            "trained_with": cfg.get("package_version"),
+            "package_version": __version__,
+        }
+
+    def health(self) -> dict[str, Any]:
+        """Liveness facts: model version and index size."""
+        return {"status": "ok", "model": self.model_info["version"], "index_cases": len(self.index),
+                "k": self.settings.k, "max_upload_mb": self.settings.max_upload_mb}
+
+    # ------------------------------------------------------------------ analysis
+    def analyze_bytes(self, data: bytes) -> dict[str, Any]:
+        """Analyse one uploaded file (PNG, JPEG or DICOM, recognised by content).
+
+        Args:
+            data: File content.
+
+        Returns:
+            The JSON-ready result (see :meth:`analyze_image`) plus ``request_id``.
+
+        Raises:
+            ImageTooLargeError: Over the upload or pixel limit.
+            UnsupportedImageError: Not PNG/JPEG/DICOM, or a DICOM object this package refuses.
+            ImageReadError: Corrupt or truncated file.
+        """
+        from covidcxr.io import load_image_bytes
+
+        request_id = uuid.uuid4().hex[:12]
+        limit = self.settings.max_upload_bytes
+        if len(data) > limit:
+            raise ImageTooLargeError(UPLOAD_NAME, f"{len(data):,} bytes exceeds the upload limit of {limit:,} bytes "
+                                                  f"({self.settings.max_upload_mb:g} MB)")
+        fmt = sniff_format(data)
+        if fmt is None:
+            raise UnsupportedImageError(UPLOAD_NAME, "not a PNG, JPEG or DICOM file (recognised by content, not "
+                                                     "by name)")
+        t0 = time.perf_counter()
+        image, meta = load_image_bytes(data, UPLOAD_NAME)
+        if self.settings.keep_uploads is not None:
+            self._keep(data, fmt, request_id)
+        result = self.analyze_image(image, meta)
+        result["request_id"] = request_id
+        result["timing_ms"]["total"] = round(1000 * (time.perf_counter() - t0), 1)
+        log.info("analysis %s: %s %dx%d, p=%.3f, %.0f ms", request_id, meta.format, meta.original_size[1],
+                 meta.original_size[0], result["probability"], result["timing_ms"]["total"])
+        return result
+
+    def analyze_image(self, image: np.ndarray, meta: Any = None) -> dict[str, Any]:
+        """Analyse one decoded image.
+
+        Args:
+            image: float32 ``H x W`` in [0, 1].
+            meta: Its :class:`~covidcxr.io.ImageMeta` (format facts are echoed; may be None).
+
+        Returns:
+            JSON-ready dict: ``probability``, ``label``, ``threshold``, ``qc_flags``, ``lung_fraction``,
+            ``lung_energy_fraction``, ``explanation_flags``, ``image`` (format facts), ``overlays`` (base64 PNGs
+            of the image, the heat map and the lung outline, all at one display size), ``similar_cases``,
+            ``model`` and ``timing_ms``.
+        """
+        from covidcxr.explain import explain, heatmap_rgba, outline_rgba
+        from covidcxr.segment import QC_MESSAGES
+
+        timing: dict[str, float] = {}
+        with self._model_lock:
+            t = time.perf_counter()
+            seg = self.segmenter.predict([image])[0]
+            mask = np.asarray(seg.mask)
+            timing["segment"] = _ms(t)
+            t = time.perf_counter()
+            pred = self.artifact.predict([image], masks_for_model(self.artifact, self.segmenter_key, mask),
+                                         embeddings=True)
+            timing["classify"] = _ms(t)
+            t = time.perf_counter()
+            expl = explain(self.artifact, image, mask)
+            timing["explain"] = _ms(t)
+        t = time.perf_counter()
+        matches = self.index.search(pred.embeddings[:1], k=self.settings.k)[0]
+        timing["search"] = _ms(t)
+
+        t = time.perf_counter()
+        shape = _fit_size(image.shape, self.settings.display_size)
+        overlays = {
+            "height": shape[0],
+            "width": shape[1],
+            "image_png": png_base64(_resize(image, shape)),
+            "heatmap_png": png_base64(heatmap_rgba(_resize(expl.heatmap, shape))),
+            "lung_outline_png": png_base64(outline_rgba(_resize(mask.astype(np.uint8), shape, nearest=True))),
+        }
+        timing["encode"] = _ms(t)
+        qc = sorted(set(seg.qc_flags) | set(pred.qc_flags[0] if pred.qc_flags else []))
+        energy = expl.lung_energy_fraction
+        prob = float(pred.prob[0])
+        return {
+            "probability": prob,
+            "label": pred.label[0],
+            "threshold": float(self.artifact.threshold),
+            "qc_flags": qc,
+            "qc_messages": {f: QC_MESSAGES.get(f, f) for f in qc},
+            "lung_fraction": float(seg.lung_fraction),
+            "lung_energy_fraction": energy,
+            "explanation_flags": ["heatmap_outside_lungs"] if energy is not None and energy < LOW_LUNG_ENERGY else [],
+            "image": _image_facts(image, meta),
+            "overlays": overlays,
+            "similar_cases": [self._match_json(m) for m in matches],
+            "model": self.model_info,
+            "timing_ms": timing,
+        }
+
+    def _match_json(self, match: Any) -> dict[str, Any]:
+        extra = {k: match.metadata.get(k) for k in _PUBLIC_METADATA if match.metadata.get(k) is not None}
+        return {
+            "rank": int(match.rank),
+            "case_id": match.case_id,
+            "score": float(match.score),
+            "label": match.label,
+            "patient_id": match.patient_id,
+            "thumbnail_url": f"/api/v1/cases/{quote(match.case_id, safe='')}/thumbnail",
+            **extra,
+        }
+
+    def _keep(self, data: bytes, fmt: str, request_id: str) -> Path:
+        folder = self.settings.keep_uploads
+        folder.mkdir(parents=True, exist_ok=True)
+        ext = {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}[fmt]
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{request_id}{ext}"
+        with open(path, "xb") as fh:  # "x": never overwrite
+            fh.write(data)
+        log.info("analysis %s: upload kept as %s", request_id, path.name)
+        return path
+
+    # ------------------------------------------------------------------ thumbnails
+    def _thumbnail_sources(self, meta: Any) -> list[str | None]:
+        sources: list[str | None] = []
+        cols = [c for c in ("thumbnail", "image") if c in meta.columns]
+        for _, row in meta[cols].iterrows() if cols else []:
+            value = next((row[c] for c in cols if isinstance(row[c], str) and row[c]), None)
+            sources.append(value)
+        return sources or [None] * len(meta)
+
+    def has_case(self, case_id: str) -> bool:
+        """Whether ``case_id`` is in the index."""
+        return case_id in self._rows
+
+    def thumbnail_png(self, case_id: str) -> bytes:
+        """PNG thumbnail of an indexed case.
+
+        Args:
+            case_id: A case id of the index (looked up in its metadata, never used as a path).
+
+        Returns:
+            PNG bytes, longer side ``settings.thumbnail_size``.
+
+        Raises:
+            KeyError: Unknown case id.
+            IndexError_: The case has no readable image on this server.
+        """
+        from PIL import Image
+
+        from covidcxr.errors import ImageError
+        from covidcxr.io import load_image
+
+        row = self._rows[case_id]  # KeyError for unknown ids
+        with self._thumb_lock:
+            if case_id in self._thumbs:
+                self._thumbs.move_to_end(case_id)
+                return self._thumbs[case_id]
+        source = self._thumb_source[row]
+        if source is None:
+            raise IndexError_(f"case {case_id!r}: the index stores no image for it")
+        path = Path(source)
+        if not path.is_absolute() and self.index_dir is not None:
+            path = self.index_dir / path
+        try:
+            image, _ = load_image(path)
+        except ImageError as exc:
+            log.warning("thumbnail of case %r unavailable: %s", case_id, exc.reason)
+            raise IndexError_(f"case {case_id!r}: image unavailable on this server") from exc
+        shape = _fit_size(image.shape, self.settings.thumbnail_size)
+        buf = io.BytesIO()
+        Image.fromarray(np.uint8(np.rint(_resize(image, shape) * 255))).save(buf, format="PNG")
+        png = buf.getvalue()
+        with self._thumb_lock:
+            self._thumbs[case_id] = png
+            while len(self._thumbs) > 1024:
+                self._thumbs.popitem(last=False)
+        return png
+
+
+def _ms(t0: float) -> float:
+    return round(1000 * (time.perf_counter() - t0), 1)
+
+
+def _image_facts(image: np.ndarray, meta: Any) -> dict[str, Any]:
+    facts: dict[str, Any] = {"height": int(image.shape[0]), "width": int(image.shape[1])}
+    if meta is not None:
+        facts.update(format=meta.format, bit_depth=int(meta.bit_depth), photometric=meta.photometric,
+                     view=meta.view, modality=meta.modality, warnings=list(meta.warnings))
+    return facts
+
+
+def masks_for_model(artifact: Any, segmenter_key: str | None, mask: np.ndarray) -> list[np.ndarray] | None:
+    """The ``masks`` argument for ``artifact.predict``: our mask only when it comes from the model's own segmenter.
+
+    The model then sees exactly the preprocessing it was trained with; with any other segmenter (or none used by
+    the model) the artifact segments with its own weights.
+
+    Args:
+        artifact: Loaded classifier or ensemble artifact.
+        segmenter_key: SHA-256 of the segmenter that produced ``mask`` (None: not the model's).
+        mask: Lung mask of the image.
+
+    Returns:
+        ``[mask]`` or None.
+    """
+    members = getattr(artifact, "members", None) or [artifact]
+    keys = {m.segmenter_key for m in members} - {None}
+    return [mask] if keys and keys == {segmenter_key} else None
+
+
+def _pick_segmenter(artifact: Any, weights: str | Path | None) -> tuple[Any, str | None]:
+    """The model's own segmenter when it has one (masks reusable by the model), else the given or shipped one."""
+    from covidcxr.segment import LungSegmenter
+
+    if weights is not None:
+        from covidcxr.artifact import sha256_file
+
+        return LungSegmenter.load(weights), sha256_file(weights)
+    members = getattr(artifact, "members", None) or [artifact]
+    for m in members:
+        if m.segmenter_key is not None:
+            return m.segmenter, m.segmenter_key
+    return LungSegmenter.load(None), None
+
+
+# --------------------------------------------------------------------------------------------- CLI: explain
+def explain_file(
+    image_path: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    mask_path: str | Path | None = None,
+    segmenter_weights: str | Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Explain one image file: write the Grad-CAM overlay, heat map and lung mask, and a JSON summary.
+
+    Args:
+        image_path: PNG, JPEG, TIFF or DICOM file.
+        model_dir: Classifier or ensemble artifact folder.
+        out_dir: Output folder (created).
+        mask_path: Lung mask image (nonzero = lung); None predicts it with the model's or the shipped segmenter.
+        segmenter_weights: Lung-segmenter weights to use instead.
+        device: Inference device.
+
+    Returns:
+        The summary (also written to ``<stem>_explanation.json``): probability, label, threshold,
+        lung_energy_fraction, qc_flags and the files written.
+
+    Raises:
+        ImageError: Unreadable image or mask.
+        ModelError: Missing or corrupt model.
+        ConfigError: The mask does not match the image size.
+    """
+    import json
+
+    from covidcxr.artifact import load_artifact
+    from covidcxr.explain import explain, outline_rgba, save_explanation
+    from covidcxr.io import load_image, save_png
+
+    image_path, out = Path(image_path), Path(out_dir)
+    artifact = load_artifact(model_dir, device)
+    image, _ = load_image(image_path)
+    qc: list[str] = []
+    if mask_path is not None:
+        mask_img, _ = load_image(mask_path)
+        mask = (mask_img > 0.5).astype(np.uint8)
+        if mask.shape != image.shape:
+            raise ConfigError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                              f"{image.shape[1]}x{image.shape[0]}")
+        key = None
+    else:
+        segmenter, key = _pick_segmenter(artifact, segmenter_weights)
+        seg = segmenter.predict([image])[0]
+        mask, qc = np.asarray(seg.mask).astype(np.uint8), list(seg.qc_flags)
+    pred = artifact.predict([image], masks_for_model(artifact, key, mask))
+    expl = explain(artifact, image, mask)
+    stem = image_path.stem
+    files = {k: str(v) for k, v in save_explanation(expl, out, stem).items()}
+    outline = outline_rgba(mask)
+    alpha = outline[..., 3:4].astype(np.float32) / 255.0
+    with_outline = np.uint8(np.rint(expl.overlay * (1 - alpha) + outline[..., :3] * alpha))
+    files["overlay_with_lungs"] = str(save_png(out / f"{stem}_gradcam_overlay_lungs.png", with_outline))
+    files["mask"] = str(save_png(out / f"{stem}_lung_mask.png", mask.astype(bool)))
+    energy = expl.lung_energy_fraction
+    summary = {
+        "image": str(image_path),
+        "probability": float(pred.prob[0]),
+        "label": pred.label[0],
+        "threshold": float(artifact.threshold),
+        "lung_energy_fraction": energy,
+        "explanation_flags": ["heatmap_outside_lungs"] if energy is not None and energy < LOW_LUNG_ENERGY else [],
+        "qc_flags": sorted(set(qc) | set(pred.qc_flags[0] if pred.qc_flags else [])),
+        "n_members": expl.n_members,
+        "model": artifact.weights_hash[:12],
+        "files": files,
+    }
+    summary_path = out / f"{stem}_explanation.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary["files"]["summary"] = str(summary_path)
+    return summary

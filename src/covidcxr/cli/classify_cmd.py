@@ -1,0 +1,200 @@
+"""``covidcxr train | predict | evaluate | ensemble``: the COVID classifier commands (thin: parse, call, print)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from covidcxr.errors import ConfigError
+
+_TRAIN_EPILOG = """\
+multi-GPU / multi-node (Lightning DDP, nothing hand-written):
+  one machine, 4 GPUs:   covidcxr train ... --accelerator gpu --devices 4 --strategy ddp
+  2 nodes x 8 GPUs:      run on every node with MASTER_ADDR, MASTER_PORT and NODE_RANK set (or under SLURM/torchrun):
+                         covidcxr train ... --accelerator gpu --devices 8 --num-nodes 2 --strategy ddp
+  --batch-size is per device; validation AUC is computed on the gathered predictions of all ranks.
+  Only global rank 0 prepares --out and writes the model artifact.
+
+resume and outputs:
+  --out becomes the model artifact (config.json, model.safetensors, val_predictions.csv, segmenter/) and also
+  holds checkpoints/ (best.ckpt, last.ckpt), logs/version_0/metrics.csv, masks/ (predicted lung masks) and
+  test_eval/ (test metrics at the validation-chosen threshold). --resume continues from checkpoints/last.ckpt.
+"""
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train``, ``predict``, ``evaluate`` and ``ensemble`` commands.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers``.
+    """
+    from covidcxr.models import list_architectures
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a COVID classifier (Lightning) and write a model artifact",
+        description="Train a COVID-19 vs non-COVID classifier on a manifest and write a model artifact into --out.",
+        epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--manifest", type=Path, required=True, help="manifest CSV (its 'split' column is used if present)")
+    p.add_argument("--out", type=Path, required=True, help="run folder = model artifact")
+    p.add_argument("--arch", default="resnet50", help=f"architecture: {', '.join(list_architectures())}")
+    p.add_argument("--pretrained", default="none", help="imagenet | none | PATH to a state dict (default none)")
+    p.add_argument("--seg", dest="seg_mode", default="none", choices=("none", "mask", "crop"),
+                   help="lung-segmentation preprocessing (default none)")
+    p.add_argument("--segmenter", default=None, help="lung-segmenter weights for masks (default: shipped weights)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32, help="per device")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW lr (default 1e-3 from scratch, 3e-4 pretrained)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers and decoding threads")
+    p.add_argument("--accelerator", default="auto", help="auto | cpu | gpu | ... (Lightning)")
+    p.add_argument("--devices", default="auto", help="auto | N | list, e.g. 0,1 (Lightning)")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--strategy", default="auto", help="auto | ddp | ... (Lightning)")
+    p.add_argument("--precision", default="auto", help="auto (bf16-mixed where supported) | 32-true | 16-mixed")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
+    p.add_argument("--normalization", default="imagenet", choices=("imagenet", "gray"))
+    p.add_argument("--balance", default="loss", choices=("loss", "sampler", "none"),
+                   help="class balancing: weighted loss, balanced sampling or none (default loss)")
+    p.add_argument("--val-metric", default="auc", choices=("auc", "loss"),
+                   help="early stopping / best checkpoint on validation ROC AUC (default) or loss")
+    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0 = off)")
+    p.add_argument("--threshold-method", default="youden", choices=("youden", "sensitivity"))
+    p.add_argument("--target-sensitivity", type=float, default=None, help="with --threshold-method sensitivity")
+    p.add_argument("--group-col", default=None, help="column kept together when making the split (split_group)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/last.ckpt")
+    p.add_argument("--force", action="store_true", help="reuse a non-empty --out (its previous run files go)")
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("predict", help="probability and label per image with a model artifact")
+    p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG/TIFF/DICOM files")
+    p.add_argument("--model", type=Path, required=True, help="model (or ensemble) artifact folder")
+    p.add_argument("--out", type=Path, default=None, help="also write predictions to .csv or .json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=_cmd_predict)
+
+    p = subparsers.add_parser("evaluate", help="predict a manifest split and report metrics with patient-bootstrap CIs")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--split", default="test", help="rows of this split (default test; 'all' = every row)")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plots and reports")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = subparsers.add_parser("ensemble", help="average classifier artifacts into one ensemble artifact")
+    p.add_argument("--models", type=Path, nargs="+", required=True, help="two or more model artifact folders")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--weighted", action="store_true", help="weight members by their validation ROC AUC")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_ensemble)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from covidcxr.train import settings_from, train_classifier
+
+    settings = settings_from(vars(args))
+    devices = str(args.devices)
+    settings["devices"] = int(devices) if devices.isdigit() else devices
+    out = train_classifier(args.manifest, args.out, resume=args.resume, force=args.force, **settings)
+    summary_file = out / "train_summary.json"
+    if not summary_file.is_file():  # non-zero DDP ranks
+        return 0
+    summary = json.loads(summary_file.read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    console = _console()
+    console.print(f"model artifact: {out}")
+    console.print(f"validation ROC AUC {summary['val_auc']:.4f}; threshold {cfg['threshold']:.4f} "
+                  f"({cfg['threshold_method']}, chosen on validation)")
+    if "test_roc_auc" in summary:
+        console.print(f"test ROC AUC {summary['test_roc_auc']:.4f} (report: {out / 'test_eval' / 'report.md'})")
+    if summary.get("train_images_per_s"):
+        console.print(f"training throughput {summary['train_images_per_s']:.1f} img/s on {summary['device']}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from rich.table import Table
+
+    from covidcxr.artifact import load_artifact
+    from covidcxr.io import load_image
+
+    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
+        raise ConfigError(f"{args.out}: --out must end in .csv or .json")
+    art = load_artifact(args.model, args.device)
+    images = [load_image(p)[0] for p in args.images]
+    pred = art.predict(images, batch_size=args.batch_size)
+    table = pd.DataFrame({
+        "image": [str(p) for p in args.images],
+        "prob_covid": pred.prob,
+        "label": pred.label,
+        "qc_flags": [";".join(f) for f in pred.qc_flags] if pred.qc_flags else [""] * len(images),
+    })
+    rich_table = Table(title=f"{args.model} (threshold {art.threshold:.3f})")
+    for col in ("image", "P(covid)", "label", "QC"):
+        rich_table.add_column(col, justify="right" if col == "P(covid)" else "left")
+    for row in table.itertuples(index=False):
+        rich_table.add_row(row.image, f"{row.prob_covid:.4f}", row.label, row.qc_flags)
+    _console().print(rich_table)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if args.out.suffix.lower() == ".csv":
+            table.to_csv(args.out, index=False)
+        else:
+            records = table.assign(threshold=art.threshold, model_hash=art.weights_hash).to_dict(orient="records")
+            args.out.write_text(json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from covidcxr.artifact import load_artifact
+    from covidcxr.data import LABELS, read_manifest
+    from covidcxr.evaluate import evaluate_predictions, format_metrics_table
+
+    df = read_manifest(args.manifest)
+    if args.split != "all":
+        if "split" not in df.columns:
+            raise ConfigError(f"{args.manifest}: no 'split' column; use --split all or split it (covidcxr data split)")
+        df = df[df["split"] == args.split]
+        if df.empty:
+            raise ConfigError(f"{args.manifest}: no rows with split {args.split!r}")
+    art = load_artifact(args.model, args.device)
+    pred, _ = art.predict_manifest(df, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
+    pred["y"] = (pred["label"] == LABELS[1]).astype(int)
+    result = evaluate_predictions(pred, art.threshold, args.out, n_boot=args.n_boot,
+                                  title=f"{args.model.name} on {args.manifest.name} ({args.split})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    pred.to_csv(args.out / "predictions.csv", index=False)
+    print(format_metrics_table(result))
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from covidcxr.artifact import build_ensemble
+
+    out = build_ensemble(args.models, args.out, weighted=args.weighted, force=args.force)
+    cfg = json.loads((out / "config.json").read_text())
+    console = _console()
+    weights = ", ".join(f"{m['weight']:.3f}" for m in cfg["members"])
+    console.print(f"ensemble artifact: {out} ({len(cfg['members'])} members, weights {weights})")
+    console.print(f"threshold {cfg['threshold']:.4f} ({cfg['threshold_source']})")
+    return 0

@@ -1,0 +1,85 @@
+"""``covidcxr serve`` (web page + REST API) and ``covidcxr explain`` (Grad-CAM heat map of one image)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` and ``explain`` commands.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers``.
+    """
+    p = subparsers.add_parser(
+        "serve",
+        help="serve the radiologist's web page and the REST API for a model and case index",
+        description="Load the model and index once and serve the page at / and the API at /api/v1 "
+        "(OpenAPI docs at /docs). Binds to 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model artifact folder (classifier or ensemble)")
+    p.add_argument("--index", type=Path, required=True, help="case index folder built with this model")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload in MB (default 50)")
+    p.add_argument("--keep-uploads", type=Path, default=None, metavar="DIR",
+                   help="keep uploads in DIR under server-generated names (default: nothing is kept)")
+    p.add_argument("-k", type=int, default=8, help="similar cases shown per image (default 8)")
+    p.add_argument("--segmenter", type=Path, default=None,
+                   help="lung U-Net weights (default: the model's own segmenter, else the shipped one)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = subparsers.add_parser(
+        "explain",
+        help="write a Grad-CAM heat map overlay of one image and its share of heat inside the lungs",
+    )
+    p.add_argument("image", type=Path, help="PNG, JPEG, TIFF or DICOM chest X-ray")
+    p.add_argument("--model", type=Path, required=True, help="model artifact folder (classifier or ensemble)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--mask", type=Path, default=None, help="lung mask image (default: predicted)")
+    p.add_argument("--segmenter", type=Path, default=None,
+                   help="lung U-Net weights (default: the model's own segmenter, else the shipped one)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from covidcxr.api import ServeSettings
+    from covidcxr.web.app import serve
+
+    settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+                             keep_uploads=args.keep_uploads, k=args.k, segmenter_weights=args.segmenter,
+                             device=args.device)
+    print(f"covidcxr: serving {args.model} with index {args.index} at http://{_url_host(args.host)}:{args.port}/ "
+          "(Ctrl+C to stop)", flush=True)
+    serve(args.model, args.index, settings)
+    return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from covidcxr.api import explain_file
+
+    summary = explain_file(args.image, args.model, args.out, mask_path=args.mask,
+                           segmenter_weights=args.segmenter, device=args.device)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    energy = summary["lung_energy_fraction"]
+    print(f"{args.image}: COVID probability {summary['probability']:.3f} -> {summary['label']} "
+          f"(threshold {summary['threshold']:.3f})")
+    print("heat inside lungs: " + ("n/a (empty heat map)" if energy is None else f"{energy:.0%}")
+          + ("  <- the model looked mostly outside the lungs" if summary["explanation_flags"] else ""))
+    if summary["qc_flags"]:
+        print("lung QC flags: " + ", ".join(summary["qc_flags"]))
+    for name, path in summary["files"].items():
+        print(f"  {name}: {path}")
+    return 0

@@ -1,0 +1,762 @@
+"""Binary-classification metrics with patient-level bootstrap CIs, threshold choice, plots and reports.
+
+COVID (label 1) is the positive class and an image is called positive when ``p >= threshold``. Everything here
+works on plain arrays of labels and probabilities, so it is independent of the model (no torch import).
+
+Confidence intervals resample *patients* with replacement (all images of a drawn patient come along, as many
+times as it is drawn), because images of one patient are not independent. The bootstrap is vectorised: each
+replicate is a vector of per-image weights (how often the image's patient was drawn), and every metric,
+including ROC AUC and average precision, is computed from those weights for all replicates at once. With
+integer weights this equals computing the metric on the materialised resample.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
+
+from covidcxr.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METRICS",
+    "binary_metrics",
+    "bootstrap_ci",
+    "choose_threshold",
+    "evaluate_predictions",
+    "expected_calibration_error",
+    "format_metrics_table",
+]
+
+METRICS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc")
+"""Metrics that get a bootstrap CI, in report order."""
+
+COUNTS: tuple[str, ...] = ("n", "n_pos", "tp", "fp", "tn", "fn")
+THRESHOLD_METHODS: tuple[str, ...] = ("youden", "sensitivity")
+
+# Same order as covidcxr.data.LABELS; not imported so that evaluation never pulls in torch through data.py.
+_CLASS_NAMES = ("non_covid", "covid")
+_REQUIRED_COLUMNS = ("prob", "y", "patient_id")
+_PLOTS = ("roc.png", "pr.png", "confusion.png", "calibration.png")
+# Bound on replicates x images per chunk of the bootstrap, so a large test set does not need gigabytes.
+_MAX_CHUNK_ELEMENTS = 2_000_000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input validation
+
+
+def _as_labels(y: Any, name: str = "y") -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ConfigError(f"{name} must be a 1-D array of 0/1 labels, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ConfigError(f"{name} is empty: need at least one labelled prediction")
+    if arr.dtype == bool:
+        return arr.astype(np.int64)
+    try:
+        num = arr.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must contain only 0 and 1, got values of type {arr.dtype}") from exc
+    bad = np.unique(num[~np.isin(num, (0.0, 1.0))])
+    if bad.size:
+        raise ConfigError(f"{name} must contain only 0 and 1, got {bad[:5].tolist()}")
+    return num.astype(np.int64)
+
+
+def _as_probs(p: Any, n: int, name: str = "p") -> np.ndarray:
+    try:
+        arr = np.asarray(p, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be numeric probabilities in [0, 1]: {exc}") from exc
+    if arr.ndim != 1:
+        raise ConfigError(f"{name} must be a 1-D array of probabilities, got shape {arr.shape}")
+    if arr.size != n:
+        raise ConfigError(f"y and {name} must have the same length, got {n} and {arr.size}")
+    bad = ~np.isfinite(arr) | (arr < 0.0) | (arr > 1.0)
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        raise ConfigError(
+            f"{name} must be finite probabilities in [0, 1], got {arr[idx[:5]].tolist()} at index {idx[:5].tolist()}"
+        )
+    return arr
+
+
+def _as_threshold(threshold: Any) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"threshold must be a number in [0, 1], got {threshold!r}") from exc
+    if not (math.isfinite(t) and 0.0 <= t <= 1.0):
+        raise ConfigError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    return t
+
+
+def _validate(y: Any, p: Any, threshold: Any | None = None) -> tuple[np.ndarray, np.ndarray, float | None]:
+    y_arr = _as_labels(y)
+    p_arr = _as_probs(p, y_arr.size)
+    t = None if threshold is None else _as_threshold(threshold)
+    return y_arr, p_arr, t
+
+
+def _nan_div(num: float, den: float) -> float:
+    return float(num) / float(den) if den > 0 else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# point metrics
+
+
+def choose_threshold(
+    y: Sequence[int] | np.ndarray,
+    p: Sequence[float] | np.ndarray,
+    method: str = "youden",
+    target_sensitivity: float | None = None,
+) -> float:
+    """Choose a decision threshold on validation predictions (never on test).
+
+    ``youden`` maximises Youden's J = sensitivity + specificity - 1 over the ROC curve (ties go to the highest
+    threshold). ``sensitivity`` returns the highest threshold whose sensitivity reaches ``target_sensitivity``.
+    The result is one of the observed probabilities, so ``p >= threshold`` reproduces the chosen ROC point.
+
+    Args:
+        y: True labels, 0/1 (1 = COVID).
+        p: Predicted probabilities of class 1, in [0, 1].
+        method: ``'youden'`` or ``'sensitivity'``.
+        target_sensitivity: Required sensitivity in (0, 1]; only with ``method='sensitivity'``.
+
+    Returns:
+        The threshold, a float in [0, 1].
+
+    Raises:
+        ConfigError: On an unknown method, a missing or invalid target, bad inputs, or a single class in ``y``.
+    """
+    if method not in THRESHOLD_METHODS:
+        raise ConfigError(f"method must be one of {list(THRESHOLD_METHODS)}, got {method!r}")
+    if method == "sensitivity":
+        if target_sensitivity is None:
+            raise ConfigError("method='sensitivity' needs target_sensitivity, a number in (0, 1]; got None")
+        try:
+            target = float(target_sensitivity)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"target_sensitivity must be a number in (0, 1], got {target_sensitivity!r}") from exc
+        if not (math.isfinite(target) and 0.0 < target <= 1.0):
+            raise ConfigError(f"target_sensitivity must be a number in (0, 1], got {target_sensitivity!r}")
+    elif target_sensitivity is not None:
+        raise ConfigError(
+            f"target_sensitivity={target_sensitivity!r} is only used with method='sensitivity', not {method!r}"
+        )
+    y_arr, p_arr, _ = _validate(y, p)
+    classes = np.unique(y_arr)
+    if classes.size < 2:
+        raise ConfigError(
+            f"choosing a threshold needs both classes in y, got only class {int(classes[0])} "
+            f"({_CLASS_NAMES[int(classes[0])]}) in {y_arr.size} predictions"
+        )
+    fpr, tpr, thresholds = roc_curve(y_arr, p_arr, drop_intermediate=False)
+    # Index 0 is the "predict nothing positive" point at threshold +inf; it is never a usable threshold.
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]
+    if method == "youden":
+        i = int(np.argmax(tpr - fpr))  # thresholds decrease, so argmax's first hit is the highest among ties
+    else:
+        # A tiny tolerance keeps e.g. target 0.9 reachable when tpr is 9/10 computed as 0.8999999999999999.
+        i = int(np.flatnonzero(tpr >= target - 1e-12)[0])
+    t = float(thresholds[i])
+    logger.debug("threshold %.6f by %s: sensitivity %.4f, specificity %.4f", t, method, tpr[i], 1 - fpr[i])
+    return t
+
+
+def binary_metrics(y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, threshold: float) -> dict[str, Any]:
+    """Compute threshold and ranking metrics for one set of predictions.
+
+    Undefined values (sensitivity without positives, PPV without predicted positives, AUC with one class, ...)
+    are NaN rather than an error.
+
+    Args:
+        y: True labels, 0/1 (1 = COVID).
+        p: Predicted probabilities of class 1, in [0, 1].
+        threshold: Decision threshold in [0, 1]; an image is positive when ``p >= threshold``.
+
+    Returns:
+        Dict with floats ``accuracy, sensitivity, specificity, ppv, npv, f1, roc_auc, pr_auc`` (average
+        precision) and ints ``n, n_pos, tp, fp, tn, fn``.
+
+    Raises:
+        ConfigError: If the labels, probabilities or threshold are invalid.
+    """
+    y_arr, p_arr, t = _validate(y, p, threshold)
+    pred = (p_arr >= t).astype(np.int64)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y_arr, pred, labels=[0, 1]).ravel())
+    n, n_pos = int(y_arr.size), int(y_arr.sum())
+    both = 0 < n_pos < n
+    return {
+        "accuracy": _nan_div(tp + tn, n),
+        "sensitivity": _nan_div(tp, tp + fn),
+        "specificity": _nan_div(tn, tn + fp),
+        "ppv": _nan_div(tp, tp + fp),
+        "npv": _nan_div(tn, tn + fn),
+        "f1": _nan_div(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": float(roc_auc_score(y_arr, p_arr)) if both else math.nan,
+        "pr_auc": float(average_precision_score(y_arr, p_arr)) if n_pos > 0 else math.nan,
+        "n": n,
+        "n_pos": n_pos,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
+
+
+def _calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin: count, mean predicted probability, observed fraction of positives (NaN if empty)."""
+    # floor(p * n_bins) puts each bin's lower edge inside it (0.3 -> bin 3); p == 1 joins the last bin.
+    idx = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(idx, weights=p, minlength=n_bins) / count
+        frac_pos = np.bincount(idx, weights=y.astype(np.float64), minlength=n_bins) / count
+    return count, mean_p, frac_pos
+
+
+def expected_calibration_error(
+    y: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, n_bins: int = 10
+) -> float:
+    """Expected calibration error over equal-width probability bins.
+
+    ECE = sum over bins of (bin size / n) * |fraction of positives - mean predicted probability|.
+
+    Args:
+        y: True labels, 0/1.
+        p: Predicted probabilities of class 1, in [0, 1].
+        n_bins: Number of equal-width bins on [0, 1].
+
+    Returns:
+        The ECE, in [0, 1].
+
+    Raises:
+        ConfigError: If the inputs are invalid or ``n_bins`` is not a positive integer.
+    """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}")
+    y_arr, p_arr, _ = _validate(y, p)
+    count, mean_p, frac_pos = _calibration_bins(y_arr, p_arr, int(n_bins))
+    keep = count > 0
+    return float(np.sum(count[keep] / y_arr.size * np.abs(frac_pos[keep] - mean_p[keep])))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def _weighted_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric in ``METRICS`` for each row of a (B, n) weight matrix, as (B,) arrays (NaN when undefined).
+
+    With integer weights, row b equals ``binary_metrics`` on the data with image i repeated ``w[b, i]`` times.
+    """
+    pos = y.astype(bool)
+    pred = p >= threshold
+    tp = w @ (pos & pred).astype(np.float64)
+    fn = w @ (pos & ~pred).astype(np.float64)
+    fp = w @ (~pos & pred).astype(np.float64)
+    tn = w @ (~pos & ~pred).astype(np.float64)
+
+    # Ranking metrics: the order of the scores is the same in every replicate, only the weights change, so sort
+    # once and sum the weights of positives and negatives per distinct score (ascending).
+    order = np.argsort(p, kind="stable")
+    ps = p[order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
+    ws = w[:, order]
+    pos_u = np.add.reduceat(ws * pos[order], starts, axis=1)
+    neg_u = np.add.reduceat(ws * ~pos[order], starts, axis=1)
+    n_pos, n_neg = pos_u.sum(axis=1), neg_u.sum(axis=1)
+    neg_below = np.cumsum(neg_u, axis=1) - neg_u
+    # Mann-Whitney form of ROC AUC, ties count one half (what sklearn's trapezoidal AUC gives).
+    auc_num = np.sum(pos_u * (neg_below + 0.5 * neg_u), axis=1)
+    # Average precision as sklearn defines it: sum over descending thresholds of (recall step) x precision.
+    tp_desc = np.cumsum(pos_u[:, ::-1], axis=1)
+    fp_desc = np.cumsum(neg_u[:, ::-1], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp_desc / (tp_desc + fp_desc)
+        recall_step = pos_u[:, ::-1] / n_pos[:, None]
+        ap = np.where(recall_step > 0, recall_step * precision, 0.0).sum(axis=1)
+        out = {
+            "accuracy": (tp + tn) / (tp + tn + fp + fn),
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "roc_auc": auc_num / (n_pos * n_neg),
+            "pr_auc": np.where(n_pos > 0, ap, np.nan),
+        }
+    # 0/0 gives NaN already; x/0 with x > 0 cannot occur, but make "undefined" uniformly NaN anyway.
+    return {k: np.where(np.isfinite(v), v, np.nan) for k, v in out.items()}
+
+
+def _group_codes(groups: Any, n: int) -> np.ndarray:
+    if groups is None:
+        return np.arange(n)
+    arr = np.asarray(groups, dtype=object)
+    if arr.ndim != 1 or arr.size != n:
+        raise ConfigError(f"groups must be a 1-D array with one patient id per prediction ({n}), got shape {arr.shape}")
+    codes, _ = pd.factorize(arr)
+    if (codes < 0).any():
+        idx = np.flatnonzero(codes < 0)
+        raise ConfigError(f"groups (patient ids) must not be missing, got a missing id at index {idx[:5].tolist()}")
+    return codes
+
+
+def _bootstrap_replicates(
+    y: np.ndarray, p: np.ndarray, threshold: float, codes: np.ndarray, n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
+    n_groups = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, _MAX_CHUNK_ELEMENTS // max(y.size, n_groups)))
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        # Drawing n_groups patients with replacement = a multinomial count per patient; each image then
+        # weighs as much as its patient was drawn.
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=size)
+        parts.append(_weighted_metrics(y, p, threshold, counts[:, codes].astype(np.float64)))
+    return {m: np.concatenate([part[m] for part in parts]) for m in METRICS}
+
+
+def bootstrap_ci(
+    y: Sequence[int] | np.ndarray,
+    p: Sequence[float] | np.ndarray,
+    threshold: float,
+    groups: Sequence[Any] | np.ndarray | None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals, resampling patients with all their images.
+
+    Replicates where a metric is undefined (e.g. no positives drawn) are skipped for that metric.
+
+    Args:
+        y: True labels, 0/1.
+        p: Predicted probabilities of class 1, in [0, 1].
+        threshold: Decision threshold in [0, 1].
+        groups: Patient id per prediction; ``None`` resamples images independently (only for comparison).
+        n_boot: Number of bootstrap replicates.
+        seed: Seed of the replicate draws; the same seed gives the same intervals.
+        alpha: 1 - confidence level (0.05 gives 95 % intervals).
+
+    Returns:
+        ``{metric: (lo, hi)}`` for every name in ``METRICS``; ``(nan, nan)`` when no replicate defines it.
+
+    Raises:
+        ConfigError: On invalid inputs, ``n_boot < 1`` or ``alpha`` outside (0, 1).
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ConfigError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not (isinstance(alpha, (int, float)) and 0.0 < alpha < 1.0):
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+    y_arr, p_arr, t = _validate(y, p, threshold)
+    codes = _group_codes(groups, y_arr.size)
+    reps = _bootstrap_replicates(y_arr, p_arr, t, codes, int(n_boot), int(seed))
+    out: dict[str, tuple[float, float]] = {}
+    for name in METRICS:
+        vals = reps[name][np.isfinite(reps[name])]
+        if vals.size == 0:
+            out[name] = (math.nan, math.nan)
+            continue
+        if vals.size < 0.9 * n_boot:
+            logger.info("%s: %d of %d bootstrap replicates undefined, skipped", name, n_boot - vals.size, n_boot)
+        lo, hi = np.quantile(vals, [alpha / 2, 1 - alpha / 2])
+        out[name] = (float(lo), float(hi))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation of a prediction table
+
+
+def _metric_block(
+    y: np.ndarray, p: np.ndarray, threshold: float, groups: np.ndarray, n_boot: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    point = binary_metrics(y, p, threshold)
+    ci = bootstrap_ci(y, p, threshold, groups, n_boot=n_boot, seed=seed)
+    block: dict[str, dict[str, Any]] = {}
+    for name in METRICS:
+        block[name] = {"value": point[name], "ci": list(ci[name])}
+    for name in COUNTS:
+        block[name] = {"value": point[name], "ci": None}
+    block["n_patients"] = {"value": int(pd.unique(groups).size), "ci": None}
+    return block
+
+
+def _prepare_frame(df: pd.DataFrame) -> pd.DataFrame:
+    if not isinstance(df, pd.DataFrame):
+        raise ConfigError(f"df must be a pandas DataFrame with columns {list(_REQUIRED_COLUMNS)}, got {type(df)}")
+    missing = [c for c in _REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"prediction table lacks column(s) {missing}; it has {list(df.columns)}")
+    if df.empty:
+        raise ConfigError("prediction table is empty: nothing to evaluate")
+    out = df.reset_index(drop=True).copy()
+    out["y"] = _as_labels(out["y"].to_numpy(), "column 'y'")
+    out["prob"] = _as_probs(out["prob"].to_numpy(), len(out), "column 'prob'")
+    if out["patient_id"].isna().any():
+        rows = np.flatnonzero(out["patient_id"].isna().to_numpy())[:5].tolist()
+        raise ConfigError(f"column 'patient_id' has missing values at row(s) {rows}")
+    for col in ("source", "view"):
+        if col in out.columns:
+            out[col] = out[col].astype(object).where(out[col].notna(), "unknown").astype(str)
+    return out
+
+
+def _as_flags(col: pd.Series) -> np.ndarray:
+    # CSV round trips turn booleans into strings; astype(bool) would read "False" as True.
+    text = col.astype(str).str.strip().str.lower()
+    truthy, falsy = {"true", "1", "1.0", "yes"}, {"false", "0", "0.0", "no", "nan", "none", "<na>", ""}
+    bad = sorted(set(text) - truthy - falsy)
+    if bad:
+        raise ConfigError(f"column 'source_has_both_labels' must be boolean, got {bad[:5]}")
+    return text.isin(truthy).to_numpy()
+
+
+def _both_label_mask(df: pd.DataFrame) -> tuple[np.ndarray | None, list[str]]:
+    """Rows from sources that have both labels (flag column if given, else both labels within ``df``)."""
+    if "source_has_both_labels" in df.columns:
+        flag = _as_flags(df["source_has_both_labels"])
+        names = sorted(df.loc[flag, "source"].unique().tolist()) if "source" in df.columns else []
+        return flag, names
+    if "source" not in df.columns:
+        return None, []
+    n_classes = df.groupby("source")["y"].nunique()
+    names = sorted(n_classes.index[n_classes == 2].tolist())
+    return df["source"].isin(names).to_numpy(), names
+
+
+def evaluate_predictions(
+    df: pd.DataFrame,
+    threshold: float,
+    out_dir: str | Path | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    title: str = "",
+) -> dict[str, Any]:
+    """Evaluate a table of predictions: metrics with patient-bootstrap CIs overall, per source and per view.
+
+    Args:
+        df: One row per image with columns ``prob`` (probability of COVID), ``y`` (0/1) and ``patient_id``;
+            optional ``source``, ``view``, ``case_id`` and ``source_has_both_labels`` (bool).
+        threshold: Decision threshold chosen beforehand (on validation), in [0, 1].
+        out_dir: If given, a folder (created if missing; files inside are replaced) that receives
+            ``metrics.json``, ``roc.png``, ``pr.png``, ``confusion.png``, ``calibration.png``, ``report.md`` and
+            ``report.html``.
+        n_boot: Bootstrap replicates per group.
+        seed: Bootstrap seed (the same for every group, so results are reproducible).
+        title: Title of the report.
+
+    Returns:
+        ``{"overall": {metric: {"value", "ci"}}, "per_source": {source: {...}}, "per_view": {view: {...}},
+        "both_label_sources": {...} or None, "both_label_source_names": [...], "threshold", "n_images",
+        "n_patients", "ece", "n_boot", "seed", "title"}``; counts have ``"ci": None``; when ``out_dir`` is
+        given also ``"files": {name: path}``. Undefined values are NaN (``null`` in ``metrics.json``).
+
+    Raises:
+        ConfigError: If columns are missing or hold invalid values, or the threshold is invalid.
+    """
+    t = _as_threshold(threshold)
+    data = _prepare_frame(df)
+    y, p = data["y"].to_numpy(), data["prob"].to_numpy()
+    groups = data["patient_id"].to_numpy(dtype=object)
+
+    def block(mask: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+        if mask is None:
+            return _metric_block(y, p, t, groups, n_boot, seed)
+        return _metric_block(y[mask], p[mask], t, groups[mask], n_boot, seed)
+
+    result: dict[str, Any] = {
+        "title": title,
+        "threshold": t,
+        "n_images": len(data),
+        "n_patients": int(pd.unique(groups).size),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "ece": expected_calibration_error(y, p),
+        "overall": block(),
+    }
+    for col, key in (("source", "per_source"), ("view", "per_view")):
+        result[key] = {}
+        if col in data.columns:
+            for value in sorted(data[col].unique()):
+                result[key][value] = block((data[col] == value).to_numpy())
+    both_mask, both_names = _both_label_mask(data)
+    result["both_label_source_names"] = both_names
+    result["both_label_sources"] = block(both_mask) if both_mask is not None and both_mask.any() else None
+
+    if out_dir is not None:
+        result["files"] = _write_outputs(Path(out_dir), result, y, p, t)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    v = float(value)
+    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def _fmt_ci(entry: Mapping[str, Any]) -> str:
+    text = _fmt(entry["value"])
+    ci = entry.get("ci")
+    if ci is not None and not any(c is None or math.isnan(float(c)) for c in ci):
+        text += f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+    return text
+
+
+def _group_rows(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    rows: list[tuple[str, Mapping[str, Any]]] = [("overall", result["overall"])]
+    if result.get("both_label_sources") is not None:
+        rows.append(("sources with both labels", result["both_label_sources"]))
+    rows += [(f"source: {k}", v) for k, v in result.get("per_source", {}).items()]
+    rows += [(f"view: {k}", v) for k, v in result.get("per_view", {}).items()]
+    return rows
+
+
+def _table(rows: list[tuple[str, Mapping[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    header = ["group", "n", "patients", "pos", *METRICS]
+    body = []
+    for name, blk in rows:
+        counts = [_fmt(blk[c]["value"]) if c in blk else "-" for c in ("n", "n_patients", "n_pos")]
+        body.append([name, *counts, *(_fmt_ci(blk[m]) for m in METRICS)])
+    return header, body
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def format_metrics_table(result: Mapping[str, Any]) -> str:
+    """Render an ``evaluate_predictions`` result as one compact Markdown table.
+
+    One row per group (overall, sources with both labels, each source, each view); each metric cell reads
+    ``value [lo, hi]`` with the 95 % bootstrap CI.
+
+    Args:
+        result: The dict returned by :func:`evaluate_predictions`.
+
+    Returns:
+        The Markdown table (no trailing newline).
+
+    Raises:
+        ConfigError: If ``result`` lacks the ``overall`` block.
+    """
+    if not isinstance(result, Mapping) or "overall" not in result:
+        raise ConfigError("format_metrics_table needs the dict returned by evaluate_predictions (no 'overall' key)")
+    return _markdown(*_table(_group_rows(result)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# plots and reports
+
+
+def _new_figure(size: tuple[float, float] = (5.0, 4.5)) -> Any:
+    # The object-oriented API renders with Agg without touching pyplot's global state or the user's backend.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
+
+
+def _plot_roc(path: Path, y: np.ndarray, p: np.ndarray, t: float, overall: Mapping[str, Any]) -> None:
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
+    if 0 < y.sum() < y.size:
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, lw=2, label=f"ROC, AUC {_fmt_ci(overall['roc_auc'])}")
+    sens, spec = overall["sensitivity"]["value"], overall["specificity"]["value"]
+    if not (math.isnan(sens) or math.isnan(spec)):
+        ax.plot([1 - spec], [sens], "o", color="C3", label=f"threshold {t:.3f}")
+    ax.set(xlabel="1 - specificity (false-positive rate)", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title("ROC curve")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def _plot_pr(path: Path, y: np.ndarray, p: np.ndarray, t: float, overall: Mapping[str, Any]) -> None:
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    if y.sum() > 0:
+        prec, rec, _ = precision_recall_curve(y, p)
+        ax.step(rec, prec, where="post", lw=2, label=f"PR, AP {_fmt_ci(overall['pr_auc'])}")
+    ax.axhline(y.mean(), ls="--", color="0.6", lw=1, label=f"prevalence {y.mean():.3f}")
+    sens, ppv = overall["sensitivity"]["value"], overall["ppv"]["value"]
+    if not (math.isnan(sens) or math.isnan(ppv)):
+        ax.plot([sens], [ppv], "o", color="C3", label=f"threshold {t:.3f}")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(0, 1), ylim=(0, 1.02))
+    ax.set_title("Precision-recall curve")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def _plot_confusion(path: Path, overall: Mapping[str, Any], t: float) -> None:
+    cm = np.array([[overall["tn"]["value"], overall["fp"]["value"]], [overall["fn"]["value"], overall["tp"]["value"]]])
+    fig = _new_figure((4.5, 4.0))
+    ax = fig.add_subplot()
+    ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(int(v)), ha="center", va="center", fontsize=14, color="white" if v > cm.max() / 2 else "k")
+    ax.set_xticks([0, 1], [f"pred {c}" for c in _CLASS_NAMES])
+    ax.set_yticks([0, 1], [f"true {c}" for c in _CLASS_NAMES])
+    ax.set_title(f"Confusion matrix (p >= {t:.3f})")
+    fig.savefig(path, dpi=110)
+
+
+def _plot_calibration(path: Path, y: np.ndarray, p: np.ndarray, ece: float, n_bins: int = 10) -> None:
+    count, mean_p, frac_pos = _calibration_bins(y, p, n_bins)
+    centers = (np.arange(n_bins) + 0.5) / n_bins
+    fig = _new_figure((5.0, 5.5))
+    ax, hist = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
+    keep = count > 0
+    ax.bar(centers[keep], frac_pos[keep], width=1 / n_bins, edgecolor="k", alpha=0.7, label="observed fraction")
+    ax.plot(mean_p[keep], frac_pos[keep], "o-", color="C3", label="mean predicted vs observed")
+    ax.set(ylabel="fraction positive (COVID)", ylim=(0, 1.02))
+    ax.set_title(f"Reliability diagram, ECE {ece:.3f} ({n_bins} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.bar(centers, count, width=1 / n_bins, edgecolor="k", color="0.7")
+    hist.set(xlabel="predicted probability", ylabel="images", xlim=(0, 1))
+    fig.savefig(path, dpi=110)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(float(obj)) else float(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _summary_lines(result: Mapping[str, Any]) -> list[tuple[str, str]]:
+    both = result.get("both_label_source_names") or []
+    return [
+        ("threshold (p >= t is COVID)", f"{result['threshold']:.4f}"),
+        ("images", str(result["n_images"])),
+        ("patients", str(result["n_patients"])),
+        ("ECE (10 bins)", f"{result['ece']:.4f}"),
+        ("bootstrap", f"{result['n_boot']} patient-level replicates, seed {result['seed']}, 95 % percentile CI"),
+        ("sources with both labels", ", ".join(both) if both else "-"),
+    ]
+
+
+def _overall_rows(overall: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for name in METRICS:
+        lo, hi = overall[name]["ci"]
+        rows.append([name, _fmt(overall[name]["value"]), f"{_fmt(lo)} - {_fmt(hi)}"])
+    for name in ("n", "n_patients", "n_pos", "tp", "fp", "tn", "fn"):
+        rows.append([name, _fmt(overall[name]["value"]), ""])
+    return rows
+
+
+def _report_sections(result: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    sections = [("Overall", ["metric", "value", "95 % CI"], _overall_rows(result["overall"]))]
+    sections.append(("All groups", *_table(_group_rows(result))))
+    if result.get("both_label_sources") is not None:
+        sections.append(("Sources with both labels", *_table([("both labels", result["both_label_sources"])])))
+    if result.get("per_source"):
+        sections.append(("Per source", *_table([(k, v) for k, v in result["per_source"].items()])))
+    if result.get("per_view"):
+        sections.append(("Per view", *_table([(k, v) for k, v in result["per_view"].items()])))
+    return sections
+
+
+def _write_markdown(path: Path, result: Mapping[str, Any]) -> None:
+    title = result.get("title") or "covidcxr evaluation"
+    parts = [f"# {title}", ""]
+    parts += [f"- **{k}**: {v}" for k, v in _summary_lines(result)]
+    parts.append("")
+    for heading, header, body in _report_sections(result):
+        parts += [f"## {heading}", "", _markdown(header, body), ""]
+    parts += ["## Plots", ""]
+    parts += [f"![{name[:-4]}]({name})" for name in _PLOTS]
+    parts.append("")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _html_table(header: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+_CSS = (
+    "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+    "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:right;font-size:0.9em}td:first-child,th:first-child{text-align:left}"
+    "th{background:#f0f0f0}figure{display:inline-block;margin:0.5em}img{max-width:480px}</style>"
+)
+
+
+def _write_html(path: Path, result: Mapping[str, Any]) -> None:
+    title = html.escape(result.get("title") or "covidcxr evaluation")
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{title}</title>",
+        _CSS,
+        f"</head><body><h1>{title}</h1><ul>",
+    ]
+    parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in _summary_lines(result)]
+    parts.append("</ul>")
+    for heading, header, body in _report_sections(result):
+        parts += [f"<h2>{html.escape(heading)}</h2>", _html_table(header, body)]
+    parts.append("<h2>Plots</h2>")
+    for name in _PLOTS:
+        # Embedded so the report is one self-contained file; the PNGs next to it are the same images.
+        data = base64.b64encode((path.parent / name).read_bytes()).decode("ascii")
+        parts.append(
+            f'<figure><a href="{name}"><img alt="{name[:-4]}" src="data:image/png;base64,{data}"></a>'
+            f"<figcaption>{name}</figcaption></figure>"
+        )
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _write_outputs(out: Path, result: dict[str, Any], y: np.ndarray, p: np.ndarray, t: float) -> dict[str, str]:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot create the output folder: {exc}") from exc
+    overall = result["overall"]
+    _plot_roc(out / "roc.png", y, p, t, overall)
+    _plot_pr(out / "pr.png", y, p, t, overall)
+    _plot_confusion(out / "confusion.png", overall, t)
+    _plot_calibration(out / "calibration.png", y, p, result["ece"])
+    (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False), encoding="utf-8")
+    _write_markdown(out / "report.md", result)
+    _write_html(out / "report.html", result)
+    names = ("metrics.json", *_PLOTS, "report.md", "report.html")
+    logger.info("wrote evaluation report to %s", out)
+    return {name: str(out / name) for name in names}

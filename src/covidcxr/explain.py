@@ -1,0 +1,321 @@
+"""Grad-CAM heat maps for classifier and ensemble artifacts, and how much of their energy lies in the lungs.
+
+The heat map explains the COVID class (index 1) by default. Each member of an ensemble is explained on its own
+preprocessed input with the Grad-CAM target layer its architecture registers in :mod:`covidcxr.models`; the
+members' maps are mapped back to the original image geometry and averaged with the ensemble's weights.
+
+``lung_energy_fraction`` is the share of the heat map's total mass that falls inside the lung mask. A model that
+looks at the lungs scores high; a low value flags shortcut learning (text markers, borders, devices, the
+shoulders) and deserves a look before the prediction is trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from covidcxr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+POSITIVE_CLASS = 1
+"""Index of the class explained by default (covid)."""
+
+
+@dataclass
+class Explanation:
+    """A Grad-CAM explanation of one image.
+
+    Attributes:
+        heatmap: float32 ``H x W`` in [0, 1] at the input image's size (1 = strongest evidence).
+        overlay: uint8 ``H x W x 3`` RGB image with the heat map blended in (jet colour map).
+        lung_energy_fraction: Share of the heat map's mass inside the lung mask, in [0, 1]; None without a mask
+            or when the heat map is all zero.
+        target_class: Class index that was explained.
+        n_members: Number of networks whose maps were averaged (1 for a single model).
+    """
+
+    heatmap: np.ndarray
+    overlay: np.ndarray
+    lung_energy_fraction: float | None
+    target_class: int = POSITIVE_CLASS
+    n_members: int = 1
+
+
+def explain(
+    artifact: Any,
+    image: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    target_class: int = POSITIVE_CLASS,
+    image_weight: float = 0.6,
+) -> Explanation:
+    """Explain one image with Grad-CAM.
+
+    Args:
+        artifact: A loaded :class:`~covidcxr.artifact.ModelArtifact` or :class:`~covidcxr.artifact.EnsembleArtifact`.
+        image: float32 ``H x W`` in [0, 1].
+        mask: Lung mask ``H x W`` (nonzero = lung). Used for the lung-energy share and, for models trained with
+            a segmentation mode, as their mask (so no second segmentation runs). None: no lung-energy share, and
+            such models segment the image themselves.
+        target_class: Class to explain (default 1 = covid).
+        image_weight: Weight of the X-ray in the overlay (the heat map gets ``1 - image_weight``).
+
+    Returns:
+        The :class:`Explanation`.
+
+    Raises:
+        ConfigError: The image is not a 2-D array, the mask does not match it, or ``target_class`` is invalid.
+    """
+    image = _check_image(image)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != image.shape:
+            raise ConfigError(f"mask shape {mask.shape} differs from image shape {image.shape}")
+    members, weights = _members(artifact)
+    maps = [member_heatmap(m, image, mask, target_class=target_class) for m in members]
+    heat = np.average(np.stack(maps), axis=0, weights=weights) if len(maps) > 1 else maps[0]
+    heat = _rescale(heat)
+    return Explanation(
+        heatmap=heat,
+        overlay=overlay_heatmap(image, heat, image_weight=image_weight),
+        lung_energy_fraction=lung_energy_fraction(heat, mask) if mask is not None else None,
+        target_class=int(target_class),
+        n_members=len(members),
+    )
+
+
+def member_heatmap(
+    member: Any, image: np.ndarray, mask: np.ndarray | None = None, *, target_class: int = POSITIVE_CLASS
+) -> np.ndarray:
+    """Grad-CAM map of one classifier artifact, in the geometry of ``image``.
+
+    Args:
+        member: A loaded :class:`~covidcxr.artifact.ModelArtifact` (``.model``, ``.device``, ``.preprocess``,
+            ``.seg_mode``).
+        image: float32 ``H x W`` in [0, 1].
+        mask: Lung mask for models trained with a segmentation mode (None: the artifact's segmenter predicts it).
+        target_class: Class to explain.
+
+    Returns:
+        float32 ``H x W`` in [0, 1].
+
+    Raises:
+        ConfigError: ``target_class`` is not a class of the model.
+    """
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from covidcxr.models import gradcam_target_layer
+
+    model = member.model
+    n_classes = int(getattr(model, "num_classes", 2))
+    if not 0 <= int(target_class) < n_classes:
+        raise ConfigError(f"target_class={target_class}: the model has classes 0..{n_classes - 1}")
+    if member.seg_mode == "crop" and mask is None:
+        mask = member.segment([image])[0][0]  # the crop box must be known to map the heat map back
+    x = member.preprocess(image, mask)[None].to(member.device)
+    was_training = model.training
+    try:
+        # Grad-CAM needs gradients; the artifact's own inference runs in inference mode, so no state leaks.
+        with torch.enable_grad(), GradCAM(model=model, target_layers=[gradcam_target_layer(model)]) as cam:
+            grid = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(target_class))])[0]
+    finally:
+        model.zero_grad(set_to_none=True)  # free the parameter gradients backward() left behind
+        model.train(was_training)
+    grid = np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
+    return _to_image_geometry(grid, image, mask, member.seg_mode)
+
+
+def lung_energy_fraction(heatmap: np.ndarray, mask: np.ndarray) -> float | None:
+    """Share of the heat map's mass inside the lung mask.
+
+    Args:
+        heatmap: Non-negative ``H x W`` map.
+        mask: ``H x W`` lung mask (nonzero = lung).
+
+    Returns:
+        ``sum(heat * lung) / sum(heat)`` in [0, 1], or None when the heat map sums to zero.
+
+    Raises:
+        ConfigError: Shapes differ.
+    """
+    heat = np.clip(np.asarray(heatmap, dtype=np.float64), 0.0, None)
+    lung = np.asarray(mask) > 0
+    if heat.shape != lung.shape:
+        raise ConfigError(f"heat map shape {heat.shape} differs from mask shape {lung.shape}")
+    total = float(heat.sum())
+    if total <= 0.0:
+        return None
+    return float(heat[lung].sum() / total)
+
+
+def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.6) -> np.ndarray:
+    """Blend a heat map (jet colour map) into a grey image with pytorch-grad-cam's ``show_cam_on_image``.
+
+    Args:
+        image: float ``H x W`` in [0, 1].
+        heatmap: float ``H x W`` in [0, 1].
+        image_weight: Weight of the image in [0, 1].
+
+    Returns:
+        uint8 ``H x W x 3`` RGB.
+
+    Raises:
+        ConfigError: ``image_weight`` outside [0, 1] or shapes differ.
+    """
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    if not 0.0 <= image_weight <= 1.0:
+        raise ConfigError(f"image_weight={image_weight}: expected a value in [0, 1]")
+    if np.shape(image) != np.shape(heatmap):
+        raise ConfigError(f"heat map shape {np.shape(heatmap)} differs from image shape {np.shape(image)}")
+    rgb = np.repeat(np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)[..., None], 3, axis=2)
+    return show_cam_on_image(rgb, np.clip(heatmap, 0.0, 1.0).astype(np.float32), use_rgb=True,
+                             image_weight=float(image_weight))
+
+
+def heatmap_rgba(heatmap: np.ndarray, *, max_alpha: float = 0.65) -> np.ndarray:
+    """A transparent heat-map layer (jet colours, opacity rising with the heat) to lay over the X-ray.
+
+    Args:
+        heatmap: float ``H x W`` in [0, 1].
+        max_alpha: Opacity of the hottest pixels.
+
+    Returns:
+        uint8 ``H x W x 4`` RGBA.
+    """
+    import cv2
+
+    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
+    rgb = cv2.cvtColor(cv2.applyColorMap(np.uint8(np.rint(255 * heat)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    # A little opacity floor keeps weak but non-zero evidence visible; zero heat stays fully transparent.
+    alpha = np.where(heat > 0.02, 0.15 + (max_alpha - 0.15) * heat, 0.0)
+    return np.dstack([rgb, np.uint8(np.rint(255 * alpha))])
+
+
+def outline_rgba(mask: np.ndarray, *, color: tuple[int, int, int] = (0, 230, 118), thickness: int | None = None) -> np.ndarray:
+    """A transparent layer with the outline of the lung mask.
+
+    Args:
+        mask: ``H x W`` lung mask (nonzero = lung).
+        color: RGB line colour.
+        thickness: Line width in pixels; None scales it with the image (about 1/200 of the longer side).
+
+    Returns:
+        uint8 ``H x W x 4`` RGBA.
+    """
+    import cv2
+
+    lung = (np.asarray(mask) > 0).astype(np.uint8)
+    if thickness is None:
+        thickness = max(1, round(max(lung.shape) / 200))
+    contours, _ = cv2.findContours(lung, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    layer = np.zeros((*lung.shape, 4), dtype=np.uint8)
+    cv2.drawContours(layer, contours, -1, (*color, 255), thickness=int(thickness), lineType=cv2.LINE_AA)
+    return layer
+
+
+def save_explanation(explanation: Explanation, out_dir: Any, stem: str = "explanation") -> dict[str, Any]:
+    """Write the overlay and the heat map as PNGs.
+
+    Args:
+        explanation: Result of :func:`explain`.
+        out_dir: Output folder (created).
+        stem: File name stem.
+
+    Returns:
+        Paths written: ``overlay`` and ``heatmap``.
+    """
+    from pathlib import Path
+
+    from covidcxr.io import save_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "overlay": save_png(out / f"{stem}_gradcam_overlay.png", explanation.overlay),
+        "heatmap": save_png(out / f"{stem}_gradcam_heatmap.png", explanation.heatmap),
+    }
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _check_image(image: Any) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ConfigError(f"expected a 2-D grey image (H, W), got shape {arr.shape}")
+    return np.clip(arr.astype(np.float32, copy=False), 0.0, 1.0)
+
+
+def _members(artifact: Any) -> tuple[list[Any], np.ndarray]:
+    members = getattr(artifact, "members", None)
+    if members:
+        weights = np.asarray(getattr(artifact, "member_weights", np.ones(len(members))), dtype=np.float64)
+        return list(members), weights
+    if not hasattr(artifact, "model"):
+        raise ConfigError(f"cannot explain a {type(artifact).__name__}: expected a loaded model artifact")
+    return [artifact], np.ones(1)
+
+
+def _rescale(heat: np.ndarray) -> np.ndarray:
+    heat = np.clip(np.asarray(heat, dtype=np.float32), 0.0, None)
+    top = float(heat.max(initial=0.0))
+    return heat / top if top > 0 else heat
+
+
+def _resize(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    h, w = shape
+    if grid.shape == (h, w):
+        return grid.astype(np.float32, copy=False)
+    return cv2.resize(grid.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def _to_image_geometry(grid: np.ndarray, image: np.ndarray, mask: np.ndarray | None, seg_mode: str) -> np.ndarray:
+    """Undo the preprocessing geometry: the input square is the whole image squashed, or the lung box squashed."""
+    h, w = image.shape
+    lung = None if mask is None else np.asarray(mask) > 0
+    if seg_mode != "crop" or lung is None or not lung.any():  # an empty mask makes the crop fall back to the image
+        return np.clip(_resize(grid, (h, w)), 0.0, 1.0)
+    if lung.shape != image.shape:
+        lung = _resize(lung.astype(np.float32), (h, w)) > 0.5
+    top, left, bh, bw = lung_crop_box(lung, image.shape)
+    box = _resize(grid, (bh, bw))
+    out = np.zeros((h, w), dtype=np.float32)
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + bh, h), min(left + bw, w)
+    out[y0:y1, x0:x1] = box[y0 - top : y1 - top, x0 - left : x1 - left]
+    return np.clip(out, 0.0, 1.0)
+
+
+def lung_crop_box(lung: np.ndarray, shape: tuple[int, int], margin: float = 0.1) -> tuple[int, int, int, int]:
+    """The box ``segment.apply_seg_mode(..., 'crop')`` cuts around the lungs (it may reach outside the image).
+
+    Mirrors the box of :func:`covidcxr.segment.apply_seg_mode` with the default margin and the output at the
+    image's own size, as the classifier preprocessing calls it; a test checks that both agree.
+
+    Args:
+        lung: Boolean lung mask with at least one lung pixel.
+        shape: ``(height, width)`` the crop is resized to (its aspect is kept by the box).
+        margin: Margin as a fraction of the lung box's larger side.
+
+    Returns:
+        ``(top, left, height, width)`` in image pixels.
+    """
+    rows, cols = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    pad = margin * max(y1 - y0, x1 - x0)
+    height, width = (y1 - y0) + 2 * pad, (x1 - x0) + 2 * pad
+    aspect = shape[1] / shape[0]
+    if width / height < aspect:
+        width = height * aspect
+    else:
+        height = width / aspect
+    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+    top, left = round(float(cy - height / 2)), round(float(cx - width / 2))
+    return top, left, max(1, round(float(height))), max(1, round(float(width)))

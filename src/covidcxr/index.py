@@ -1,0 +1,909 @@
+"""Similar-case index: FAISS vectors + SQLite metadata + a JSON header, saved as one directory.
+
+:class:`CaseIndex` follows the scikit-learn estimator shape: ``__init__`` stores settings, :meth:`CaseIndex.fit`
+learns the (optional) PCA and builds the FAISS index, learned state ends in ``_``. Search is exact inner product
+on L2-normalised vectors (cosine similarity) by default; big archives switch to an approximate HNSW index
+(``kind='auto'``, more than ``approx_threshold`` cases) or use IVF / HNSW on request.
+
+On disk an index is one directory::
+
+    header.json       format version, embedding-model hash, dimensions, index kind, count, settings
+    index.faiss       the FAISS index (vectors after the optional PCA)
+    pca.faiss         the fitted faiss.PCAMatrix (only when ``pca_dim`` is set)
+    metadata.sqlite   table ``cases``: row_id (= FAISS id), case_id, patient_id, label, and any other columns
+                      given (source, view, image, thumbnail, study_date, ...)
+
+Saves are atomic: the new directory is written next to the old one and swapped in with renames, so a crash at any
+point leaves a loadable index (the previous one, or the new one once complete).
+
+This module never imports torch, so search can be served and tested without it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidcxr.errors import ConfigError, IndexError_, IndexMismatchError, NotFittedError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+HEADER_FILE = "header.json"
+INDEX_FILE = "index.faiss"
+PCA_FILE = "pca.faiss"
+METADATA_FILE = "metadata.sqlite"
+REQUIRED_COLUMNS = ("case_id", "patient_id", "label")
+KINDS = ("auto", "exact", "hnsw", "ivf")
+METRICS = ("ip", "l2")
+# Mirrors covidcxr.data.LABELS; not imported from there because data.py pulls in torch.
+LABELS = ("non_covid", "covid")
+POSITIVE_LABEL = LABELS[1]
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a hard dependency
+        raise ImportError("covidcxr.index needs faiss: pip install faiss-cpu") from exc
+    return faiss
+
+
+@dataclass(frozen=True)
+class Match:
+    """One retrieved case.
+
+    Attributes:
+        rank: 1-based position in the result list (1 = most similar).
+        score: similarity, higher is closer (cosine for ``metric='ip'``, minus squared distance for ``'l2'``).
+        case_id: the case's unique id.
+        patient_id: the patient the case belongs to.
+        label: ``'covid'`` or ``'non_covid'`` (or whatever label string the index was built with).
+        metadata: the case's other metadata columns (source, view, image, thumbnail, dates, ...).
+    """
+
+    rank: int
+    score: float
+    case_id: str
+    patient_id: str
+    label: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of all fields."""
+        return asdict(self)
+
+
+class CaseIndex:
+    """Similar-case index over embeddings, with per-case metadata.
+
+    Args:
+        kind: ``'exact'`` (faiss IndexFlat), ``'hnsw'`` (IndexHNSWFlat), ``'ivf'`` (IndexIVFFlat) or ``'auto'``:
+            exact up to ``approx_threshold`` cases, HNSW above (also when ``add`` grows an exact index past it).
+        pca_dim: reduce embeddings to this many dimensions with a PCA fitted in :meth:`fit` (None = no PCA).
+            At 1M cases 2048-d float32 vectors take 8 GB; 256 dimensions take 1 GB.
+        whiten: whiten the PCA output (eigenvalue power -0.5); needs ``pca_dim``.
+        metric: ``'ip'`` (vectors are L2-normalised before and after PCA, score = cosine similarity) or ``'l2'``
+            (raw vectors, score = minus squared Euclidean distance).
+        hnsw_m: HNSW graph degree M.
+        ef_construction: HNSW build-time beam width.
+        ef_search: HNSW query-time beam width (raised to k when k is larger).
+        nlist: number of IVF lists; None = 4 * sqrt(n) capped so that each list gets >= 39 training points.
+        nprobe: IVF lists visited per query.
+        approx_threshold: with ``kind='auto'``, more cases than this use HNSW.
+        model_hash: hash of the embedding model's weights, stored in the header and checked by :meth:`load`.
+        seed: seed of the IVF k-means.
+
+    Serving note: for one query at a time call ``faiss.omp_set_num_threads(1)``; OpenMP over two busy cores made
+    a single exact query ~40x slower in ``benchmarks/index_scale.py`` (batches still profit from threads).
+
+    Attributes:
+        dim_: input embedding dimension.
+        index_dim_: dimension of the indexed vectors (``pca_dim`` or ``dim_``).
+        kind_: the index kind actually built (``'exact'``, ``'hnsw'`` or ``'ivf'``).
+        index_: the FAISS index; row i of ``metadata_`` is FAISS id i.
+        pca_: the fitted ``faiss.PCAMatrix`` or None.
+        metadata_: pandas DataFrame with one row per indexed case.
+    """
+
+    def __init__(
+        self,
+        kind: str = "auto",
+        pca_dim: int | None = None,
+        whiten: bool = False,
+        metric: str = "ip",
+        hnsw_m: int = 32,
+        ef_construction: int = 40,
+        ef_search: int = 64,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        approx_threshold: int = 200_000,
+        model_hash: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.kind = kind
+        self.pca_dim = pca_dim
+        self.whiten = whiten
+        self.metric = metric
+        self.hnsw_m = hnsw_m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.approx_threshold = approx_threshold
+        self.model_hash = model_hash
+        self.seed = seed
+
+    # ------------------------------------------------------------------ settings
+
+    def get_params(self) -> dict[str, Any]:
+        """Return the constructor settings (scikit-learn style)."""
+        return {
+            "kind": self.kind,
+            "pca_dim": self.pca_dim,
+            "whiten": self.whiten,
+            "metric": self.metric,
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "approx_threshold": self.approx_threshold,
+            "model_hash": self.model_hash,
+            "seed": self.seed,
+        }
+
+    def set_params(self, **params: Any) -> CaseIndex:
+        """Change settings (scikit-learn style); on a fitted index ``ef_search``/``nprobe`` apply at once.
+
+        Other settings take effect at the next :meth:`fit`.
+
+        Args:
+            **params: constructor settings to change.
+
+        Returns:
+            self.
+
+        Raises:
+            ConfigError: an unknown setting or an invalid value.
+        """
+        unknown = sorted(set(params) - set(self.get_params()))
+        if unknown:
+            raise ConfigError(f"unknown CaseIndex setting(s) {unknown}; valid: {sorted(self.get_params())}")
+        old = self.get_params()
+        for name, value in params.items():
+            setattr(self, name, value)
+        try:
+            self._validate_params()
+        except ConfigError:
+            for name, value in old.items():
+                setattr(self, name, value)
+            raise
+        if hasattr(self, "index_"):
+            self._set_search_params(self.index_, self.kind_)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = CaseIndex().get_params()
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v != defaults[k])
+        return f"CaseIndex({changed})"
+
+    def _validate_params(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind={self.kind!r} is not one of {KINDS}")
+        if self.metric not in METRICS:
+            raise ConfigError(f"metric={self.metric!r} is not one of {METRICS}")
+        if self.pca_dim is not None:
+            _check_int("pca_dim", self.pca_dim, 1)
+        if self.whiten and self.pca_dim is None:
+            raise ConfigError("whiten=True requires pca_dim (the whitening is part of the PCA)")
+        _check_int("hnsw_m", self.hnsw_m, 2)
+        _check_int("ef_construction", self.ef_construction, 1)
+        _check_int("ef_search", self.ef_search, 1)
+        if self.nlist is not None:
+            _check_int("nlist", self.nlist, 1)
+        _check_int("nprobe", self.nprobe, 1)
+        _check_int("approx_threshold", self.approx_threshold, 1)
+        _check_int("seed", self.seed, 0)
+        if self.model_hash is not None and not isinstance(self.model_hash, str):
+            raise ConfigError(f"model_hash must be a string or None, got {type(self.model_hash).__name__}")
+
+    # ------------------------------------------------------------------ fitting
+
+    def fit(self, embeddings: np.ndarray, metadata: pd.DataFrame | Sequence[Mapping[str, Any]]) -> CaseIndex:
+        """Fit the optional PCA and build the index from scratch.
+
+        Args:
+            embeddings: finite float array (n_cases, dim).
+            metadata: DataFrame or list of dicts with one row per embedding; needs ``case_id`` (unique),
+                ``patient_id`` and ``label``; other columns are kept.
+
+        Returns:
+            self.
+
+        Raises:
+            ConfigError: bad settings, embeddings or metadata.
+        """
+        self._validate_params()
+        x = _check_embeddings(embeddings, "embeddings")
+        meta = _check_metadata(metadata, len(x))
+        n, dim = x.shape
+        if self.pca_dim is not None and self.pca_dim > min(n, dim):
+            raise ConfigError(
+                f"pca_dim={self.pca_dim} must be <= min(n_cases, dim) = min({n}, {dim}) to fit the PCA"
+            )
+        x = self._normalise(x, "embeddings")
+        pca = self._fit_pca(x) if self.pca_dim is not None else None
+        xt = _project(x, pca, self.metric)
+        kind = self._resolve_kind(n)
+        index = self._build_index(kind, xt)
+        # Learned state is set only once everything succeeded, so a failed refit leaves the old index usable.
+        self.pca_, self.dim_, self.index_dim_, self.kind_ = pca, dim, xt.shape[1], kind
+        self.index_, self.metadata_ = index, meta
+        self._refresh_lookup()
+        logger.info("built %s index of %d cases (dim %d -> %d)", self.kind_, n, dim, self.index_dim_)
+        return self
+
+    def add(self, embeddings: np.ndarray, metadata: pd.DataFrame | Sequence[Mapping[str, Any]]) -> CaseIndex:
+        """Add cases to a fitted index (the PCA and IVF lists are not refitted).
+
+        Args:
+            embeddings: finite float array (n_new, dim_).
+            metadata: one row per new embedding, same rules as in :meth:`fit`.
+
+        Returns:
+            self.
+
+        Raises:
+            NotFittedError: the index is not fitted.
+            ConfigError: bad embeddings/metadata, or case_ids already in the index (all of them are named).
+        """
+        self._check_fitted()
+        x = _check_embeddings(embeddings, "embeddings", dim=self.dim_)
+        meta = _check_metadata(metadata, len(x))
+        dupes = sorted(set(meta["case_id"]) & self._case_id_set)
+        if dupes:
+            shown = ", ".join(repr(d) for d in dupes[:20]) + (" ..." if len(dupes) > 20 else "")
+            raise ConfigError(f"{len(dupes)} case_id(s) already in the index: {shown}")
+        xt = _project(self._normalise(x, "embeddings"), self.pca_, self.metric)
+        n_after = self.index_.ntotal + len(xt)
+        if self.kind == "auto" and self.kind_ == "exact" and n_after > self.approx_threshold:
+            logger.info("index grows to %d cases > approx_threshold=%d: rebuilding as HNSW", n_after,
+                        self.approx_threshold)
+            old = self.index_.reconstruct_n(0, self.index_.ntotal)
+            self.index_ = self._build_index("hnsw", np.concatenate([old, xt]))
+            self.kind_ = "hnsw"
+        else:
+            self.index_.add(xt)
+        self.metadata_ = pd.concat([self.metadata_, meta], ignore_index=True)
+        self._refresh_lookup()
+        return self
+
+    def __len__(self) -> int:
+        return int(self.index_.ntotal) if hasattr(self, "index_") else 0
+
+    @property
+    def n_cases_(self) -> int:
+        """Number of indexed cases."""
+        self._check_fitted()
+        return int(self.index_.ntotal)
+
+    # ------------------------------------------------------------------ search
+
+    def kneighbors(self, query_embeddings: np.ndarray, n_neighbors: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest neighbours as arrays (like scikit-learn's ``kneighbors``, but with similarities).
+
+        Args:
+            query_embeddings: finite float array (n_queries, dim_).
+            n_neighbors: number of neighbours.
+
+        Returns:
+            (scores, indices), both (n_queries, n_neighbors); scores are similarities sorted descending
+            (not distances), indices are rows of ``metadata_``; -1 / -inf pad missing results.
+
+        Raises:
+            NotFittedError: the index is not fitted.
+            ConfigError: bad queries (wrong dimension, non-finite, not 2-D) or n_neighbors.
+        """
+        self._check_fitted()
+        k = _check_int("n_neighbors", n_neighbors, 1)
+        xq = self._prepare_queries(query_embeddings)
+        return self._search_prepared(xq, k)
+
+    def search(
+        self,
+        query_embeddings: np.ndarray,
+        k: int = 10,
+        exclude_patients: Any = None,
+    ) -> list[list[Match]]:
+        """Find the k most similar cases of each query.
+
+        Args:
+            query_embeddings: finite float array (n_queries, dim_).
+            k: results per query (fewer only when the index has fewer eligible cases).
+            exclude_patients: None; one patient id (applied to every query); or a list with one entry per query,
+                each None, a patient id or a collection of patient ids. Excluded patients' cases are skipped and
+                the search over-fetches so that k results still come back.
+
+        Returns:
+            One list of :class:`Match` per query, best first.
+
+        Raises:
+            NotFittedError: the index is not fitted.
+            ConfigError: bad queries, k or exclude_patients.
+        """
+        self._check_fitted()
+        k = _check_int("k", k, 1)
+        xq = self._prepare_queries(query_embeddings)
+        excluded = _exclusion_sets(exclude_patients, len(xq))
+        ntotal = int(self.index_.ntotal)
+        # The exact number of cases the exclusions can remove bounds the over-fetch for an exact index.
+        extra = [sum(self._patient_counts.get(p, 0) for p in ex) for ex in excluded]
+        fetch = min(ntotal, k + max(extra, default=0))
+        scores, rows = self._search_prepared(xq, fetch)
+        results = []
+        for qi in range(len(xq)):
+            picked = self._filter(scores[qi], rows[qi], excluded[qi], k)
+            want = min(k, ntotal - extra[qi])
+            more = fetch
+            # Approximate indexes may return fewer valid rows than asked; widen until enough or exhausted.
+            while len(picked) < want and more < ntotal:
+                more = min(ntotal, more * 2)
+                s, r = self._search_prepared(xq[qi : qi + 1], more)
+                picked = self._filter(s[0], r[0], excluded[qi], k)
+            results.append([self._match(rank, score, row) for rank, (score, row) in enumerate(picked, start=1)])
+        return results
+
+    def _filter(self, scores: np.ndarray, rows: np.ndarray, excluded: frozenset, k: int) -> list[tuple[float, int]]:
+        out = []
+        for score, row in zip(scores.tolist(), rows.tolist(), strict=True):
+            if row < 0 or (excluded and self._patient_ids[row] in excluded):
+                continue
+            out.append((score, row))
+            if len(out) == k:
+                break
+        return out
+
+    def _match(self, rank: int, score: float, row: int) -> Match:
+        extra = {}
+        for name, values in self._extra_columns.items():
+            value = values[row]
+            extra[name] = None if _is_missing(value) else value
+        return Match(
+            rank=rank,
+            score=float(score),
+            case_id=self._case_ids[row],
+            patient_id=self._patient_ids[row],
+            label=self._labels[row],
+            metadata=extra,
+        )
+
+    def _prepare_queries(self, query_embeddings: np.ndarray) -> np.ndarray:
+        xq = _check_embeddings(query_embeddings, "query_embeddings", dim=self.dim_)
+        return _project(self._normalise(xq, "query_embeddings"), self.pca_, self.metric)
+
+    def _search_prepared(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        dist, rows = self.index_.search(xq, k)
+        if self.metric == "l2":
+            dist = -dist
+        dist[rows < 0] = -np.inf
+        return dist, rows
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the index to ``directory`` atomically (a crash leaves the previous index loadable).
+
+        Args:
+            directory: target directory; an existing index there is replaced only once the new one is complete.
+
+        Returns:
+            The directory path.
+
+        Raises:
+            NotFittedError: the index is not fitted.
+            IndexError_: ``directory`` exists and is not a case index (it is never overwritten).
+        """
+        self._check_fitted()
+        directory = Path(directory)
+        if (directory.exists() and not (directory / HEADER_FILE).is_file()
+                and (directory.is_file() or any(directory.iterdir()))):
+            raise IndexError_(f"{directory}: exists and is not a case index (no {HEADER_FILE}); refusing to "
+                              "replace it")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        faiss = _import_faiss()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            _write_faiss(tmp / INDEX_FILE, self.index_)
+            if self.pca_ is not None:
+                faiss.write_VectorTransform(self.pca_, str(tmp / PCA_FILE))
+                _fsync_file(tmp / PCA_FILE)
+            _write_metadata(tmp / METADATA_FILE, self.metadata_)
+            _write_header(tmp / HEADER_FILE, self._header())  # last: a header means the rest is complete
+            _fsync_dir(tmp)
+            _swap_in(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("saved %s index of %d cases to %s", self.kind_, len(self), directory)
+        return directory
+
+    def _header(self) -> dict[str, Any]:
+        faiss = _import_faiss()
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_hash": self.model_hash,
+            "dim": int(self.dim_),
+            "index_dim": int(self.index_dim_),
+            "kind": self.kind_,
+            "metric": self.metric,
+            "count": int(self.index_.ntotal),
+            "pca": self.pca_ is not None,
+            "params": self.get_params(),
+            "faiss_version": getattr(faiss, "__version__", "unknown"),
+            "saved_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        expect_model_hash: str | None = None,
+        expect_dim: int | None = None,
+    ) -> CaseIndex:
+        """Load an index saved by :meth:`save`.
+
+        Args:
+            directory: the index directory.
+            expect_model_hash: when given, the index must have been built with this embedding-model hash.
+            expect_dim: when given, the index must take embeddings of this dimension.
+
+        Returns:
+            The fitted index.
+
+        Raises:
+            IndexError_: the directory is missing, incomplete or corrupt.
+            IndexMismatchError: format version, dimension or model hash differ from what is expected.
+        """
+        directory = Path(directory)
+        src = directory
+        if not (directory / HEADER_FILE).is_file():
+            backup = _backup_path(directory)
+            if (backup / HEADER_FILE).is_file():
+                # A save crashed between its two renames: the previous index is intact under the backup name.
+                logger.warning("%s: incomplete; loading the previous index from %s", directory, backup)
+                src = backup
+            elif not directory.exists():
+                raise IndexError_(f"{directory}: no such index directory")
+            else:
+                raise IndexError_(f"{directory}: not a case index (missing {HEADER_FILE})")
+        try:
+            header = json.loads((src / HEADER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise IndexError_(f"{src / HEADER_FILE}: unreadable index header ({exc})") from exc
+        if not isinstance(header, dict):
+            raise IndexError_(f"{src / HEADER_FILE}: index header is not a JSON object")
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise IndexMismatchError(
+                f"{src}: index format version is {version!r} but this covidcxr reads version {FORMAT_VERSION}; "
+                "rebuild the index"
+            )
+        try:
+            dim, index_dim, count = int(header["dim"]), int(header["index_dim"]), int(header["count"])
+            params, kind = dict(header["params"]), str(header["kind"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexError_(f"{src / HEADER_FILE}: index header lacks or garbles a field ({exc})") from exc
+        if expect_model_hash is not None and header.get("model_hash") != expect_model_hash:
+            raise IndexMismatchError(
+                f"{src}: index was built with embedding model hash {header.get('model_hash')!r} but "
+                f"{expect_model_hash!r} is expected; rebuild the index with this model"
+            )
+        if expect_dim is not None and dim != expect_dim:
+            raise IndexMismatchError(
+                f"{src}: index takes {dim}-d embeddings but {expect_dim}-d embeddings are expected"
+            )
+        faiss = _import_faiss()
+        try:
+            index = faiss.read_index(str(src / INDEX_FILE))
+            pca = faiss.read_VectorTransform(str(src / PCA_FILE)) if header.get("pca") else None
+        except RuntimeError as exc:
+            raise IndexError_(f"{src}: cannot read the FAISS files ({str(exc).splitlines()[0]})") from exc
+        if index.d != index_dim:
+            raise IndexMismatchError(f"{src / INDEX_FILE}: FAISS index has dimension {index.d} but the header "
+                                     f"says {index_dim}")
+        if pca is not None and (pca.d_in != dim or pca.d_out != index_dim):
+            raise IndexMismatchError(f"{src / PCA_FILE}: PCA maps {pca.d_in} -> {pca.d_out} dimensions but the "
+                                     f"header says {dim} -> {index_dim}")
+        if pca is None and dim != index_dim:
+            raise IndexError_(f"{src}: header says {dim} -> {index_dim} dimensions but {PCA_FILE} is missing")
+        metadata = _read_metadata(src / METADATA_FILE)
+        if not (index.ntotal == len(metadata) == count):
+            raise IndexError_(f"{src}: inconsistent counts: FAISS {index.ntotal}, metadata {len(metadata)}, "
+                              f"header {count}")
+        obj = cls(**params)
+        obj._validate_params()
+        obj.dim_, obj.index_dim_, obj.kind_ = dim, index_dim, kind
+        obj.index_, obj.pca_, obj.metadata_ = index, pca, metadata
+        obj._set_search_params(index, kind)
+        obj._refresh_lookup()
+        return obj
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "index_"):
+            raise NotFittedError("This CaseIndex is not fitted yet; call fit(embeddings, metadata) or "
+                                 "CaseIndex.load(directory) first")
+
+    def _resolve_kind(self, n: int) -> str:
+        if self.kind == "auto":
+            return "hnsw" if n > self.approx_threshold else "exact"
+        return self.kind
+
+    def _normalise(self, x: np.ndarray, name: str) -> np.ndarray:
+        if self.metric != "ip":
+            return x
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        zero = np.flatnonzero(norms[:, 0] == 0)
+        if zero.size:
+            raise ConfigError(f"{name}: row(s) {zero[:10].tolist()} have zero norm and cannot be L2-normalised "
+                              "for metric='ip'")
+        return x / norms
+
+    def _fit_pca(self, x: np.ndarray) -> Any:
+        faiss = _import_faiss()
+        pca = faiss.PCAMatrix(x.shape[1], int(self.pca_dim), -0.5 if self.whiten else 0.0, False)
+        if self.whiten:
+            pca.epsilon = 1e-6  # keeps near-zero eigenvalues from blowing up under whitening
+        pca.train(x)
+        return pca
+
+    def _build_index(self, kind: str, xt: np.ndarray) -> Any:
+        faiss = _import_faiss()
+        n, d = xt.shape
+        metric = faiss.METRIC_INNER_PRODUCT if self.metric == "ip" else faiss.METRIC_L2
+        if kind == "exact":
+            index = faiss.IndexFlat(d, metric)
+        elif kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, int(self.hnsw_m), metric)
+            index.hnsw.efConstruction = int(self.ef_construction)
+        else:
+            nlist = self.nlist if self.nlist is not None else max(1, min(int(4 * math.sqrt(n)), n // 39))
+            if nlist > n:
+                raise ConfigError(f"nlist={nlist} exceeds the number of cases ({n}); lower nlist")
+            if n < 39 * nlist:
+                logger.warning("IVF: %d cases for nlist=%d lists is under 39 per list; k-means may be poor", n, nlist)
+            quantizer = faiss.IndexFlat(d, metric)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
+            index.cp.seed = int(self.seed)
+            index.cp.spherical = self.metric == "ip"
+            # 64 training points per list (faiss default 256): k-means ~3x faster at 300k cases for ~0.003 recall@10.
+            index.cp.max_points_per_centroid = 64
+            index.train(xt)
+        self._set_search_params(index, kind)
+        index.add(xt)
+        return index
+
+    def _set_search_params(self, index: Any, kind: str) -> None:
+        faiss = _import_faiss()
+        if kind == "hnsw":
+            faiss.downcast_index(index).hnsw.efSearch = int(self.ef_search)
+        elif kind == "ivf":
+            ivf = faiss.extract_index_ivf(index)
+            ivf.nprobe = min(int(self.nprobe), int(ivf.nlist))
+
+    def _refresh_lookup(self) -> None:
+        meta = self.metadata_
+        self._case_ids = meta["case_id"].to_numpy(dtype=object)
+        self._patient_ids = meta["patient_id"].to_numpy(dtype=object)
+        self._labels = meta["label"].to_numpy(dtype=object)
+        self._extra_columns = {
+            str(c): meta[c].to_numpy(dtype=object) for c in meta.columns if c not in REQUIRED_COLUMNS
+        }
+        self._case_id_set = set(self._case_ids.tolist())
+        self._patient_counts = Counter(self._patient_ids.tolist())
+
+
+# ---------------------------------------------------------------------- validation helpers
+
+
+def _project(x: np.ndarray, pca: Any, metric: str) -> np.ndarray:
+    """Apply the optional PCA (re-normalising for the inner-product metric); return float32 C-ordered rows."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if pca is None:
+        return x
+    xt = pca.apply(x)
+    if metric == "ip":
+        norms = np.linalg.norm(xt, axis=1, keepdims=True)
+        xt = xt / np.where(norms == 0, 1, norms)
+    return np.ascontiguousarray(xt, dtype=np.float32)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_embeddings(x: Any, name: str, dim: int | None = None) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise ConfigError(f"{name} must be a real-valued numeric array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        hint = "; use x.reshape(1, -1) for a single vector" if arr.ndim == 1 else ""
+        raise ConfigError(f"{name} must be a 2-D array (n, dim), got shape {arr.shape}{hint}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ConfigError(f"{name} is empty (shape {arr.shape})")
+    if dim is not None and arr.shape[1] != dim:
+        raise ConfigError(f"{name} have dimension {arr.shape[1]} but the index expects {dim}")
+    with np.errstate(over="ignore"):  # overflow becomes inf, reported just below with the row numbers
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ConfigError(f"{name}: {bad.size} row(s) contain NaN/inf or overflow float32, e.g. rows "
+                          f"{bad[:10].tolist()}")
+    return arr
+
+
+def _normalise_label(value: Any) -> str:
+    if isinstance(value, bool | np.bool_):
+        return LABELS[int(value)]
+    if isinstance(value, int | np.integer | float | np.floating) and value in (0, 1):
+        return LABELS[int(value)]
+    return str(value)
+
+
+def _to_storable(value: Any) -> Any:
+    """Map a metadata value to a type SQLite stores and returns unchanged (str, int, float or None)."""
+    if _is_missing(value):
+        return None
+    if isinstance(value, bool | np.bool_):
+        return int(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, str | int | float):
+        return value
+    if isinstance(value, _dt.date):  # includes datetime and pd.Timestamp
+        return value.isoformat()
+    if isinstance(value, np.datetime64):
+        return None if np.isnat(value) else pd.Timestamp(value).isoformat()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise ConfigError(f"metadata value {value!r} of type {type(value).__name__} cannot be stored; use str, int, "
+                      "float, dates or None")
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float | np.floating) and math.isnan(value)
+
+
+def _check_metadata(metadata: Any, n: int) -> pd.DataFrame:
+    if isinstance(metadata, pd.DataFrame):
+        df = metadata.reset_index(drop=True)
+    elif isinstance(metadata, Sequence) and not isinstance(metadata, str) and all(
+        isinstance(r, Mapping) for r in metadata
+    ):
+        df = pd.DataFrame.from_records(list(metadata)) if len(metadata) else pd.DataFrame()
+    else:
+        raise ConfigError(f"metadata must be a pandas DataFrame or a list of dicts, got {type(metadata).__name__}")
+    if len(df) != n:
+        raise ConfigError(f"metadata has {len(df)} row(s) but there are {n} embedding(s)")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"metadata lacks required column(s) {missing}; has {list(map(str, df.columns))}")
+    if "row_id" in df.columns:
+        raise ConfigError("metadata column 'row_id' is reserved (it stores the FAISS id)")
+    out: dict[str, list[Any]] = {}
+    for col in df.columns:
+        values = [_to_storable(v) for v in df[col].tolist()]
+        if col in REQUIRED_COLUMNS:
+            empty = [i for i, v in enumerate(values) if v is None or v == ""]
+            if empty:
+                raise ConfigError(f"metadata column {col!r} is empty in {len(empty)} row(s), e.g. rows {empty[:10]}")
+            values = [_normalise_label(v) for v in values] if col == "label" else [str(v) for v in values]
+        out[str(col)] = values
+    dupes = sorted(k for k, c in Counter(out["case_id"]).items() if c > 1)
+    if dupes:
+        shown = ", ".join(repr(d) for d in dupes[:20]) + (" ..." if len(dupes) > 20 else "")
+        raise ConfigError(f"metadata has {len(dupes)} duplicate case_id(s): {shown}")
+    return pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in out.items()})
+
+
+def _exclusion_sets(exclude_patients: Any, n_queries: int) -> list[frozenset]:
+    if exclude_patients is None:
+        return [frozenset()] * n_queries
+    if isinstance(exclude_patients, str | int | np.integer):
+        return [frozenset({str(exclude_patients)})] * n_queries
+    if not isinstance(exclude_patients, Iterable):
+        raise ConfigError(f"exclude_patients must be None, a patient id or a list with one entry per query; got "
+                          f"{type(exclude_patients).__name__}")
+    items = list(exclude_patients)
+    if len(items) != n_queries:
+        raise ConfigError(f"exclude_patients has {len(items)} entries but there are {n_queries} queries; pass one "
+                          "patient id for all queries or one entry per query")
+    sets = []
+    for item in items:
+        if item is None:
+            sets.append(frozenset())
+        elif isinstance(item, str | int | np.integer):
+            sets.append(frozenset({str(item)}))
+        else:
+            sets.append(frozenset(str(p) for p in item))
+    return sets
+
+
+# ---------------------------------------------------------------------- file helpers (patchable in tests)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_faiss(path: Path, index: Any) -> None:
+    _import_faiss().write_index(index, str(path))
+    _fsync_file(path)
+
+
+def _write_metadata(path: Path, metadata: pd.DataFrame) -> None:
+    con = sqlite3.connect(path)
+    try:
+        frame = metadata.copy()
+        frame.insert(0, "row_id", np.arange(len(frame), dtype=np.int64))
+        frame.to_sql("cases", con, index=False, chunksize=50_000)
+        con.execute("CREATE UNIQUE INDEX cases_case_id ON cases(case_id)")
+        con.execute("CREATE INDEX cases_patient_id ON cases(patient_id)")
+        con.commit()
+    finally:
+        con.close()
+    _fsync_file(path)
+
+
+def _read_metadata(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise IndexError_(f"{path}: metadata table is missing")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            cur = con.execute("SELECT * FROM cases ORDER BY row_id")
+            columns = [c[0] for c in cur.description]
+            rows = cur.fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise IndexError_(f"{path}: cannot read the metadata table ({exc})") from exc
+    missing = [c for c in ("row_id", *REQUIRED_COLUMNS) if c not in columns]
+    if missing:
+        raise IndexError_(f"{path}: metadata table lacks column(s) {missing}")
+    cols = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+    frame = pd.DataFrame({c: pd.Series(list(v), dtype=object) for c, v in zip(columns, cols, strict=True)})
+    if not np.array_equal(frame["row_id"].to_numpy(dtype=np.int64), np.arange(len(frame))):
+        raise IndexError_(f"{path}: metadata row_id values are not 0..{len(frame) - 1}")
+    return frame.drop(columns="row_id")
+
+
+def _write_header(path: Path, header: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(header, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _backup_path(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Move the complete ``tmp`` directory to ``directory``, keeping the old index until the new one is in place."""
+    backup = _backup_path(directory)
+    if backup.exists() and directory.exists():
+        shutil.rmtree(backup)  # leftover of an earlier save that crashed after its swap
+    if directory.exists():
+        if (directory / HEADER_FILE).is_file():
+            os.replace(directory, backup)
+        else:
+            directory.rmdir()  # empty directory (save() refuses non-empty non-index directories)
+    os.replace(tmp, directory)
+    _fsync_dir(directory.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- retrieval scores and metrics
+
+
+def knn_vote_scores(matches: Sequence[Sequence[Match]], positive_label: str = POSITIVE_LABEL) -> np.ndarray:
+    """Similarity-weighted share of positive (covid) neighbours per query.
+
+    Weights are the match scores clipped at 0; if all weights are 0 the plain share is used.
+
+    Args:
+        matches: result of :meth:`CaseIndex.search`.
+        positive_label: the label counted as positive.
+
+    Returns:
+        float array (n_queries,) in [0, 1]; NaN for a query without matches.
+    """
+    out = np.full(len(matches), np.nan, dtype=np.float64)
+    for i, ms in enumerate(matches):
+        if not ms:
+            continue
+        pos = np.array([m.label == positive_label for m in ms], dtype=np.float64)
+        w = np.clip(np.array([m.score for m in ms], dtype=np.float64), 0, None)
+        out[i] = float(pos @ w / w.sum()) if w.sum() > 0 else float(pos.mean())
+    return out
+
+
+def retrieval_metrics(
+    query_labels: Sequence[Any] | np.ndarray,
+    matches: Sequence[Sequence[Match]],
+    ks: Sequence[int] = (1, 5, 10),
+    map_k: int = 10,
+) -> dict[str, float]:
+    """Label-agreement precision@k and mAP@k of retrieval results.
+
+    precision@k is the share of the first k matches whose label equals the query's label (over the matches
+    returned, when fewer than k came back). AP@k averages precision@i over the ranks i <= k holding a same-label
+    match (0 when none does); mAP@k is its mean over queries.
+
+    Args:
+        query_labels: label of each query (``'covid'``/``'non_covid'`` or 1/0).
+        matches: result of :meth:`CaseIndex.search`, one list per query.
+        ks: cut-offs for precision@k.
+        map_k: cut-off for mAP.
+
+    Returns:
+        dict with ``precision@k`` per k, ``map@{map_k}`` and ``n_queries``.
+
+    Raises:
+        ConfigError: lengths differ or a cut-off is not a positive integer.
+    """
+    labels = [_normalise_label(v) for v in (query_labels.tolist() if isinstance(query_labels, np.ndarray)
+                                              else list(query_labels))]
+    if len(labels) != len(matches):
+        raise ConfigError(f"query_labels has {len(labels)} entries but matches has {len(matches)}")
+    ks = [_check_int("ks", k, 1) for k in ks]
+    map_k = _check_int("map_k", map_k, 1)
+    out: dict[str, float] = {}
+    rel = [np.array([m.label == lab for m in ms], dtype=np.float64) for lab, ms in zip(labels, matches, strict=True)]
+    for k in ks:
+        vals = [r[:k].mean() for r in rel if len(r)]
+        out[f"precision@{k}"] = float(np.mean(vals)) if vals else float("nan")
+    aps = []
+    for r in rel:
+        top = r[:map_k]
+        hits = np.flatnonzero(top)
+        aps.append(float(np.mean(np.cumsum(top)[hits] / (hits + 1))) if hits.size else 0.0)
+    out[f"map@{map_k}"] = float(np.mean(aps)) if aps else float("nan")
+    out["n_queries"] = float(len(labels))
+    return out

@@ -1,0 +1,743 @@
+"""Classifier training with Lightning: cached data, class balancing, warm-up + cosine AdamW, AUC-based checkpoints.
+
+``train_classifier`` reads a manifest (using its ``split`` column, or making a patient-level split), decodes every
+image once into an in-RAM uint8 cache (segmentation mode applied, squashed to ~1.15 x the input size) so epochs
+only run augmentation, trains with early stopping and the best checkpoint on validation ROC AUC, chooses the
+decision threshold on validation predictions, evaluates the test split with that threshold, and writes a model
+artifact into ``out`` (which also holds ``checkpoints/``, ``logs/`` and the ``masks/`` cache).
+
+Multi-GPU and multi-node training use Lightning's DDP (``devices``, ``num_nodes``, ``strategy``); only global
+rank zero prepares ``out`` and writes the artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from covidcxr.artifact import (
+    SEG_MODES,
+    MaskCache,
+    ModelArtifact,
+    load_masks_for_rows,
+    prepare_image,
+    resolve_device,
+    safe_auc,
+    save_artifact,
+    sha256_file,
+)
+from covidcxr.augment import AugmentConfig, build_eval_transform, build_train_transform
+from covidcxr.data import LABELS
+from covidcxr.errors import ConfigError
+from covidcxr.models import NORMALIZATIONS, create_classifier, get_arch_spec
+
+log = logging.getLogger(__name__)
+
+BALANCE_MODES = ("loss", "sampler", "none")
+VAL_METRICS = {"auc": ("val_auc", "max"), "loss": ("val_loss", "min")}
+PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32-true", "32")
+THRESHOLD_METHODS = ("youden", "sensitivity")
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting (stored in the artifact config under ``training``).
+
+    Attributes:
+        arch: Registry architecture.
+        pretrained: ``imagenet``, ``none`` or a weights path.
+        seg_mode: ``none``, ``mask`` or ``crop``.
+        image_size: Network input side.
+        epochs: Maximum epochs.
+        batch_size: Images per step per device.
+        lr: AdamW peak learning rate; None = 1e-3 from scratch, 3e-4 from pretrained weights.
+        weight_decay: AdamW weight decay (not applied to norms and biases).
+        warmup_epochs: Linear warm-up length before the cosine decay (fractions allowed).
+        seed: Seed of split, initialisation, sampling and augmentation.
+        num_workers: DataLoader worker processes (and decoding threads).
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``, ...).
+        devices: Lightning devices (``auto``, a count or a list).
+        num_nodes: Nodes for multi-node DDP.
+        strategy: Lightning strategy (``auto``, ``ddp``, ...).
+        precision: ``auto`` (bf16-mixed where supported, else 32-true) or a Lightning precision.
+        augment: Augmentation on/off; ``augment_options`` override :class:`AugmentConfig` fields.
+        normalization: ``imagenet`` (mean/std per replicated channel) or ``gray`` (one mean/std).
+        balance: ``loss`` (class-weighted CE), ``sampler`` (balanced sampling) or ``none``.
+        val_metric: ``auc`` or ``loss`` for early stopping and the best checkpoint.
+        patience: Early-stopping patience in epochs (0 = off).
+        threshold_method: ``youden`` or ``sensitivity``.
+        target_sensitivity: Target for ``sensitivity``.
+        group_col: Extra grouping column for the patient split (when the manifest has no ``split``).
+        val_fraction: Validation share of patients for a new split.
+        test_fraction: Test share of patients for a new split.
+        drop_rate: Dropout before the head.
+        segmenter: Lung-segmenter weights for masks (None = shipped weights).
+        mask_dir: Predicted-mask cache (None = ``out/masks``).
+        bf16_inference: Store the bf16-inference flag in the artifact.
+        progress: Progress bars.
+        eval_test: Evaluate the test split after training (patient-bootstrap CIs).
+        n_boot: Bootstrap replicates of the test evaluation.
+    """
+
+    arch: str = "resnet50"
+    pretrained: str = "none"
+    seg_mode: str = "none"
+    image_size: int = 224
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float | None = None
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    num_workers: int = 4
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    augment: bool = True
+    augment_options: dict[str, Any] = field(default_factory=dict)
+    normalization: str = "imagenet"
+    balance: str = "loss"
+    val_metric: str = "auc"
+    patience: int = 10
+    threshold_method: str = "youden"
+    target_sensitivity: float | None = None
+    group_col: str | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    drop_rate: float = 0.0
+    segmenter: str | None = None
+    mask_dir: str | None = None
+    bf16_inference: bool = True
+    progress: bool = True
+    eval_test: bool = True
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        get_arch_spec(self.arch)  # ConfigError listing the valid names
+        checks = {
+            "seg_mode": (self.seg_mode, SEG_MODES),
+            "balance": (self.balance, BALANCE_MODES),
+            "val_metric": (self.val_metric, tuple(VAL_METRICS)),
+            "normalization": (self.normalization, tuple(NORMALIZATIONS)),
+            "threshold_method": (self.threshold_method, THRESHOLD_METHODS),
+            "precision": (str(self.precision), PRECISIONS),
+        }
+        for name, (value, valid) in checks.items():
+            if value not in valid:
+                raise ConfigError(f"{name} must be one of {list(valid)}, got {value!r}")
+        for name in ("epochs", "batch_size", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.threshold_method == "sensitivity" and self.target_sensitivity is None:
+            self.target_sensitivity = 0.9
+        if self.threshold_method == "youden":
+            self.target_sensitivity = None
+        self.pretrained = str(self.pretrained)
+        self.augment_config()  # validate the overrides now
+
+    @property
+    def peak_lr(self) -> float:
+        """Learning rate actually used."""
+        if self.lr is not None:
+            return float(self.lr)
+        return 1e-3 if self.pretrained == "none" else 3e-4
+
+    def augment_config(self) -> AugmentConfig:
+        """The :class:`AugmentConfig` for these settings."""
+        return AugmentConfig.from_dict({"image_size": self.image_size, "enabled": self.augment, **self.augment_options})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lightning module
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.01) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ClassifierModule(L.LightningModule):
+    """LightningModule around :class:`covidcxr.models.CxrClassifier`.
+
+    Args:
+        arch: Registry architecture.
+        pretrained: ``imagenet``, ``none`` or a weights path (ignored when resuming from a checkpoint).
+        mean: Normalisation mean.
+        std: Normalisation std.
+        drop_rate: Dropout before the head.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: Warm-up epochs.
+        class_weights: Cross-entropy class weights or None.
+        channels_last: Use channels-last memory format (faster convolutions on GPUs).
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        pretrained: str = "none",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        drop_rate: float = 0.0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        class_weights: Sequence[float] | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        # Plain lists/numbers only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {"arch": arch, "pretrained": str(pretrained), "mean": list(mean), "std": list(std),
+             "drop_rate": drop_rate, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
+             "class_weights": list(class_weights) if class_weights is not None else None,
+             "channels_last": channels_last}
+        )
+        self.model = create_classifier(arch, pretrained, mean=mean, std=std, drop_rate=drop_rate)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        weights = torch.tensor(list(class_weights), dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self._val_prob: list[torch.Tensor] = []
+        self._val_y: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a ``(N, 1, H, W)`` batch."""
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Class-weighted cross-entropy on one batch."""
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=self.class_weights)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Collect probabilities for the epoch's ROC AUC; log the unweighted loss."""
+        x, y = batch
+        logits = self.model(x).float()
+        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y))
+        self._val_prob.append(torch.softmax(logits, dim=1)[:, 1].detach())
+        self._val_y.append(y.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        """ROC AUC over the whole validation set (gathered across DDP ranks)."""
+        if not self._val_prob:
+            return
+        prob, y = torch.cat(self._val_prob), torch.cat(self._val_y)
+        self._val_prob.clear()
+        self._val_y.clear()
+        if self.trainer.world_size > 1:
+            prob, y = self.all_gather(prob).reshape(-1), self.all_gather(y).reshape(-1)
+        auc = safe_auc(y.cpu().numpy(), prob.cpu().numpy())
+        # A single-class validation batch (sanity check, tiny sets) has no AUC; 0.5 keeps callbacks finite.
+        self.log("val_auc", 0.5 if math.isnan(auc) else auc, prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        """AdamW (no decay on norms/biases) with per-step linear warm-up then cosine decay."""
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = round(self.hparams.warmup_epochs * per_epoch)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _warmup_cosine(s, warmup, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class EpochTimer(L.Callback):
+    """Training throughput per epoch: images and seconds from the first to the last training batch."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[int, float]] = []
+        self._t0 = 0.0
+        self._n = 0
+
+    @staticmethod
+    def _sync(pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(pl_module)
+        self._t0, self._n = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._n += len(batch[1])
+        if batch_idx == trainer.num_training_batches - 1:
+            self._sync(pl_module)
+            self.epochs.append((self._n * trainer.world_size, time.perf_counter() - self._t0))
+
+    def summary(self) -> dict[str, Any]:
+        """Images/s over all epochs but the first (warm-up), or all when only one ran."""
+        steady = self.epochs[1:] or self.epochs
+        n, t = sum(e[0] for e in steady), sum(e[1] for e in steady)
+        return {"epochs_timed": len(steady), "train_images_per_s": n / t if t > 0 else None,
+                "train_seconds": sum(e[1] for e in self.epochs)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+class CachedImageDataset(Dataset):
+    """Images from the uint8 cache through a transform, with integer labels.
+
+    Args:
+        cache: uint8 tensor ``(N, 1, S, S)``; shared with forked DataLoader workers without copying.
+        labels: int64 labels ``(N,)``.
+        transform: Maps ``uint8 (1, S, S)`` to ``float32 (1, s, s)``.
+    """
+
+    def __init__(self, cache: torch.Tensor, labels: np.ndarray, transform: Any) -> None:
+        self.cache = cache
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.cache[i]), self.labels[i]
+
+
+def build_image_cache(
+    df: pd.DataFrame,
+    seg_mode: str,
+    cache_size: int,
+    *,
+    segmenter: Any = None,
+    mask_cache: MaskCache | None = None,
+    num_workers: int = 4,
+    chunk: int = 64,
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[list[str]]]:
+    """Decode every row once: segmentation mode applied, squashed to ``cache_size``, uint8.
+
+    Args:
+        df: Rows with ``image`` (and optional ``mask``) paths.
+        seg_mode: ``none``, ``mask`` or ``crop``.
+        cache_size: Side of the cached square.
+        segmenter: Object with ``predict(images) -> [SegResult]`` for rows without a mask (seg modes only).
+        mask_cache: Where predicted masks are cached.
+        num_workers: Decoding threads.
+        chunk: Rows decoded (and segmented) together.
+        progress: Show a progress bar.
+
+    Returns:
+        ``(uint8 tensor (N, 1, S, S), qc_flags per row)``.
+    """
+    from tqdm.auto import tqdm
+
+    from covidcxr.artifact import decode_images
+
+    cache = torch.empty((len(df), 1, cache_size, cache_size), dtype=torch.uint8)
+    qc_all: list[list[str]] = []
+
+    def segment(images: list[np.ndarray]) -> tuple[list[np.ndarray], list[list[str]]]:
+        if segmenter is None:
+            raise ConfigError(f"segmentation mode {seg_mode!r} needs lung masks: add a 'mask' column or a segmenter")
+        results = segmenter.predict(images)
+        return [np.asarray(r.mask) for r in results], [list(r.qc_flags) for r in results]
+
+    rows_all = df.reset_index(drop=True)
+    pool = ThreadPoolExecutor(max(1, num_workers))
+    try:
+        for start in tqdm(range(0, len(rows_all), chunk), desc="cache images", unit="chunk", disable=not progress):
+            rows = rows_all.iloc[start : start + chunk]
+            images = decode_images(rows["image"].astype(str).tolist(), num_workers)
+            if seg_mode == "none":
+                masks: list[np.ndarray | None] = [None] * len(images)
+                qc: list[list[str]] = [[] for _ in images]
+            else:
+                masks, qc = load_masks_for_rows(rows, images, segment, mask_cache)
+            prepared = pool.map(lambda a: prepare_image(a[0], a[1], seg_mode, cache_size, a[2]), zip(images, masks, qc))
+            for j, t in enumerate(prepared):
+                cache[start + j] = t
+            qc_all.extend(qc)
+    finally:
+        pool.shutdown()
+    return cache, qc_all
+
+
+def _label_array(df: pd.DataFrame) -> np.ndarray:
+    labels = df["label"].astype(str).str.strip()
+    bad = sorted(set(labels) - set(LABELS))
+    if bad:
+        raise ConfigError(f"unknown label(s) {bad}; valid: {list(LABELS)}")
+    return (labels == LABELS[1]).to_numpy().astype(np.int64)
+
+
+def prepare_split(df: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
+    """Use the manifest's ``split`` column, or make a patient-level split (``data.patient_split``).
+
+    Args:
+        df: Manifest table.
+        cfg: Settings (fractions, group column, seed).
+
+    Returns:
+        Copy of ``df`` with ``split`` in {train, val, test}.
+
+    Raises:
+        ConfigError: Unknown split values, an empty train/val split, or a validation split with one class.
+    """
+    from covidcxr.data import patient_split
+
+    has_split = "split" in df.columns and (df["split"].astype(str).str.strip().isin(["train", "val", "test"])).all()
+    if has_split:
+        out = df.copy()
+        out["split"] = out["split"].astype(str).str.strip()
+    else:
+        if "split" in df.columns and (df["split"].astype(str).str.strip() != "").any():
+            bad = sorted(set(df["split"].astype(str).str.strip()) - {"train", "val", "test"})
+            raise ConfigError(f"manifest column 'split' has values {bad}; valid: train, val, test (or leave empty)")
+        out = patient_split(df.drop(columns=["split"], errors="ignore"), cfg.val_fraction, cfg.test_fraction,
+                            group_col=cfg.group_col, seed=cfg.seed)
+    y = _label_array(out)
+    for name in ("train", "val"):
+        sel = (out["split"] == name).to_numpy()
+        if not sel.any():
+            raise ConfigError(f"split {name!r} is empty; a classifier needs train and val rows")
+        if np.unique(y[sel]).size < 2:
+            raise ConfigError(f"split {name!r} holds only one class; threshold and AUC need both labels")
+    return out
+
+
+def _data_summary(df: pd.DataFrame) -> dict[str, Any]:
+    counts: dict[str, Any] = {"n_images": len(df), "n_patients": int(df["patient_id"].nunique())}
+    counts["per_split_label"] = {
+        s: {k: int(v) for k, v in g["label"].value_counts().sort_index().items()} for s, g in df.groupby("split")
+    }
+    if "source" in df.columns:
+        counts["per_split_source_label"] = {
+            s: {src: {k: int(v) for k, v in gg["label"].value_counts().sort_index().items()}
+                for src, gg in g.groupby("source")}
+            for s, g in df.groupby("split")
+        }
+    counts["patients_per_split"] = {s: int(g["patient_id"].nunique()) for s, g in df.groupby("split")}
+    return counts
+
+
+def _is_global_zero() -> bool:
+    # Before the Trainer exists, the launcher's environment tells the rank (Lightning/torchrun/SLURM set these).
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def _prepare_out(out: Path, resume: bool, force: bool) -> None:
+    if not _is_global_zero():
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder")
+    if resume:
+        if not (out / "checkpoints" / "last.ckpt").is_file():
+            raise ConfigError(f"{out / 'checkpoints' / 'last.ckpt'}: nothing to resume from")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ConfigError(f"{out}: output folder exists and is not empty (use --resume to continue or --force)")
+        # Only our own files: --out might be a folder holding other things (the mask cache stays valid).
+        for name in ("checkpoints", "logs", "test_eval"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("config.json", "model.safetensors", "val_predictions.csv", "test_predictions.csv",
+                     "split.csv", "train_summary.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "segmenter", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _resolve_precision(precision: str, accelerator: str) -> str:
+    if precision != "auto":
+        return precision
+    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed"  # CPU autocast supports bf16 on every torch build we support
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, *, shuffle: bool = False, sampler: Any = None,
+            drop_last: bool = False, seed: int = 0) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def train_classifier(
+    manifest: str | Path | pd.DataFrame,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    **settings: Any,
+) -> Path:
+    """Train a COVID classifier and write its artifact into ``out``.
+
+    Args:
+        manifest: Manifest CSV path or a table from ``data.read_manifest`` (``split`` column used if complete).
+        out: Run folder; becomes the artifact (plus ``checkpoints/``, ``logs/``, ``masks/``, ``test_eval/``).
+        config: Settings; keyword ``settings`` override its fields (or build one when None).
+        resume: Continue from ``out/checkpoints/last.ckpt``.
+        force: Reuse a non-empty ``out`` (its previous run files are removed).
+        **settings: :class:`TrainConfig` fields.
+
+    Returns:
+        ``out`` (the artifact directory).
+
+    Raises:
+        ConfigError: Bad settings, an occupied ``out``, unusable splits.
+        ManifestError: Invalid manifest.
+        PretrainedWeightsError: Pretrained weights unavailable.
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from covidcxr.data import read_manifest
+
+    cfg = dataclasses.replace(config, **settings) if config is not None else TrainConfig(**settings)
+    out = Path(out)
+    _prepare_out(out, resume, force)
+    t_start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    df = read_manifest(manifest) if not isinstance(manifest, pd.DataFrame) else manifest
+    df = prepare_split(df, cfg).reset_index(drop=True)
+    y_all = _label_array(df)
+    if _is_global_zero():
+        cols = [c for c in ("image", "patient_id", "label", "source", "view", "split") if c in df.columns]
+        df[cols].to_csv(out / "split.csv", index=False)
+
+    aug = cfg.augment_config()
+    cache_size = aug.cache_size
+    segmenter, mask_cache, seg_weights = None, None, None
+    if cfg.seg_mode != "none":
+        from covidcxr.artifact import segmenter_files
+        from covidcxr.segment import LungSegmenter
+
+        seg_weights = segmenter_files(cfg.segmenter)[0]
+        seg_device = "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+        segmenter = LungSegmenter.load(seg_weights, device=seg_device, batch_size=32,
+                                       precision="bf16" if cfg.bf16_inference and seg_device == "cuda" else "fp32")
+        mask_cache = MaskCache(cfg.mask_dir or out / "masks", sha256_file(seg_weights))
+    t0 = time.perf_counter()
+    cache, qc = build_image_cache(df, cfg.seg_mode, cache_size, segmenter=segmenter, mask_cache=mask_cache,
+                                  num_workers=cfg.num_workers, progress=cfg.progress)
+    cache_seconds = time.perf_counter() - t0
+    log.info("cached %d images at %dpx in %.1fs", len(df), cache_size, cache_seconds)
+
+    idx = {s: np.flatnonzero((df["split"] == s).to_numpy()) for s in ("train", "val", "test")}
+    train_ds = CachedImageDataset(cache[idx["train"]], y_all[idx["train"]], build_train_transform(aug))
+    eval_tf = build_eval_transform(aug)
+    val_ds = CachedImageDataset(cache[idx["val"]], y_all[idx["val"]], eval_tf)
+    y_train = y_all[idx["train"]]
+    counts = np.bincount(y_train, minlength=2).astype(float)
+    class_weights = (len(y_train) / (2 * counts)).tolist() if cfg.balance == "loss" else None
+    sampler = None
+    if cfg.balance == "sampler":
+        w = (1.0 / counts)[y_train]
+        sampler = WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double), num_samples=len(y_train),
+                                        replacement=True, generator=torch.Generator().manual_seed(cfg.seed))
+    batch_size = min(cfg.batch_size, len(train_ds))
+    train_dl = _loader(train_ds, batch_size, cfg.num_workers, shuffle=True, sampler=sampler,
+                       drop_last=len(train_ds) > batch_size, seed=cfg.seed)
+    val_dl = _loader(val_ds, max(batch_size, 2 * cfg.batch_size), cfg.num_workers, seed=cfg.seed)
+
+    mean, std = NORMALIZATIONS[cfg.normalization]
+    use_cuda = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    module = ClassifierModule(
+        cfg.arch, "none" if resume else cfg.pretrained, mean, std, cfg.drop_rate, cfg.peak_lr, cfg.weight_decay,
+        cfg.warmup_epochs, class_weights, channels_last=use_cuda,
+    )
+    monitor, mode = VAL_METRICS[cfg.val_metric]
+    ckpt_cb = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
+                              save_top_k=1, save_last=True, auto_insert_metric_name=False)
+    timer = EpochTimer()
+    callbacks: list[L.Callback] = [ckpt_cb, timer, LearningRateMonitor(logging_interval="epoch")]
+    if cfg.patience > 0:
+        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience))
+    precision = _resolve_precision(str(cfg.precision), cfg.accelerator)
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=precision,
+        callbacks=callbacks,
+        logger=CSVLogger(out, name="logs", version=0),
+        default_root_dir=out,
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(10, len(train_dl))),
+        benchmark=use_cuda,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dl, val_dl, ckpt_path=out / "checkpoints" / "last.ckpt" if resume else None)
+    fit_seconds = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return out
+
+    best_path = ckpt_cb.best_model_path or str(out / "checkpoints" / "last.ckpt")
+    if Path(best_path).is_file():
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    model = module.model.to(memory_format=torch.contiguous_format).cpu().eval()
+    device = resolve_device("cuda" if use_cuda else "cpu")
+    model.to(device)
+
+    config: dict[str, Any] = {
+        "arch": cfg.arch,
+        "input_size": cfg.image_size,
+        "cache_size": cache_size,
+        "normalization": {"name": cfg.normalization, "mean": list(mean), "std": list(std)},
+        "seg_mode": cfg.seg_mode,
+        "threshold": 0.5,
+        "threshold_method": cfg.threshold_method,
+        "target_sensitivity": cfg.target_sensitivity,
+        "class_names": list(LABELS),
+        "bf16_inference": cfg.bf16_inference,
+        "weights_sha256": "",
+    }
+    art = ModelArtifact(out, config, model, device)
+
+    def predict_split(name: str) -> pd.DataFrame:
+        rows = df.iloc[idx[name]].copy()
+        x = torch.stack([eval_tf(cache[i]) for i in idx[name]]) if len(rows) else torch.zeros((0, 1, 1, 1))
+        prob, _ = art.forward_batches(x, batch_size=2 * cfg.batch_size)
+        rows["y"] = y_all[idx[name]]
+        rows["prob"] = prob
+        rows["qc_flags"] = [";".join(qc[i]) for i in idx[name]]
+        return rows
+
+    from covidcxr.evaluate import choose_threshold, evaluate_predictions
+
+    val_pred = predict_split("val")
+    threshold = choose_threshold(val_pred["y"].to_numpy(), val_pred["prob"].to_numpy(), cfg.threshold_method,
+                                 cfg.target_sensitivity)
+    val_auc = safe_auc(val_pred["y"].to_numpy(), val_pred["prob"].to_numpy())
+    log.info("validation ROC AUC %.4f; threshold %.4f (%s)", val_auc, threshold, cfg.threshold_method)
+    val_pred["pred_label"] = np.where(val_pred["prob"] >= threshold, LABELS[1], LABELS[0])
+
+    history = out / "logs" / "version_0" / "metrics.csv"
+    timing = timer.summary()
+    summary: dict[str, Any] = {
+        "data": _data_summary(df),
+        "manifest": df.attrs.get("manifest"),
+        "settings": cfg.to_dict(),
+        "precision": precision,
+        "best_checkpoint": Path(best_path).name,
+        "best_epoch": _best_epoch(history, monitor, mode),
+        "epochs_run": int(trainer.current_epoch),
+        "history": str(history.relative_to(out)),
+        "val_auc": val_auc,
+        "cache_seconds": cache_seconds,
+        "fit_seconds": fit_seconds,
+        **timing,
+        "device": _device_name(device),
+        "qc_flag_counts": _qc_counts(qc),
+    }
+    config.update(threshold=threshold, val_auc=val_auc, training=summary, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    keep = [c for c in ("image", "patient_id", "label", "source", "view", "y", "prob", "pred_label") if c in val_pred]
+    save_artifact(out, model, config, segmenter_weights=seg_weights, val_predictions=val_pred[keep])
+
+    if cfg.eval_test and len(idx["test"]):
+        test_pred = predict_split("test")
+        test_pred["pred_label"] = np.where(test_pred["prob"] >= threshold, LABELS[1], LABELS[0])
+        test_pred.to_csv(out / "test_predictions.csv", index=False)
+        if np.unique(test_pred["y"]).size == 2:
+            result = evaluate_predictions(test_pred, threshold, out / "test_eval", n_boot=cfg.n_boot, seed=cfg.seed,
+                                          title=f"{cfg.arch} seg={cfg.seg_mode} test split")
+            summary["test_metrics"] = str(Path("test_eval") / "metrics.json")
+            summary["test_roc_auc"] = result["overall"]["roc_auc"]["value"]
+    summary["total_seconds"] = time.perf_counter() - t_start
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return out
+
+
+def _best_epoch(history: Path, monitor: str, mode: str) -> int | None:
+    try:
+        h = pd.read_csv(history)
+    except (OSError, pd.errors.EmptyDataError):
+        return None
+    if monitor not in h.columns or h[monitor].notna().sum() == 0:
+        return None
+    col = h.dropna(subset=[monitor])
+    row = col[monitor].idxmax() if mode == "max" else col[monitor].idxmin()
+    return int(col.loc[row, "epoch"])
+
+
+def _qc_counts(qc: Sequence[Sequence[str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for flags in qc:
+        for f in flags:
+            counts[f] = counts.get(f, 0) + 1
+    return counts
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def load_history(out: str | Path) -> pd.DataFrame:
+    """Training history (one row per logged step/epoch) from the run's CSV log.
+
+    Args:
+        out: The training run folder.
+
+    Returns:
+        The metrics table.
+    """
+    return pd.read_csv(Path(out) / "logs" / "version_0" / "metrics.csv")
+
+
+def settings_from(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep only :class:`TrainConfig` fields of a mapping (e.g. parsed CLI arguments)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in args.items() if k in names}

@@ -1,0 +1,206 @@
+"""Classifier training: augmentation, loss decrease, split handling, threshold from validation, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidcxr.artifact import load_artifact
+from covidcxr.augment import AugmentConfig, build_eval_transform, build_train_transform, to_cache_image
+from covidcxr.errors import ConfigError
+from covidcxr.io import load_image
+from covidcxr.train import ClassifierModule, TrainConfig, _warmup_cosine, prepare_split, train_classifier
+
+torch.set_num_threads(2)
+TINY = {"arch": "resnet18", "image_size": 32, "batch_size": 16, "num_workers": 0, "progress": False, "n_boot": 50,
+        "patience": 0}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from covidcxr.synth import make_cohort
+
+    return make_cohort(tmp_path_factory.mktemp("cohort"), n_patients=24, seed=1, size=64, dicom_fraction=0.2)
+
+
+# -- augmentation ---------------------------------------------------------------------------------------------
+
+
+def _cached(seed: int = 0, size: int = 40) -> torch.Tensor:
+    return to_cache_image(np.random.default_rng(seed).random((60, 50), dtype=np.float32), size)
+
+
+def test_train_transform_is_random_and_shaped() -> None:
+    cfg = AugmentConfig(image_size=32)
+    tf = build_train_transform(cfg)
+    x = _cached(size=cfg.cache_size)
+    torch.manual_seed(0)
+    a, b = tf(x), tf(x)
+    assert a.shape == (1, 32, 32) and a.dtype == torch.float32
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    assert not torch.equal(a, b)
+
+
+def test_eval_transform_is_deterministic_and_no_augment_equals_it() -> None:
+    cfg = AugmentConfig(image_size=32, enabled=False)
+    x = _cached(size=cfg.cache_size)
+    torch.testing.assert_close(build_train_transform(cfg)(x), build_eval_transform(cfg)(x), rtol=0, atol=0)
+    torch.testing.assert_close(build_eval_transform(32)(x), build_eval_transform(32)(x), rtol=0, atol=0)
+
+
+def test_augment_defaults_suit_chest_xrays() -> None:
+    cfg = AugmentConfig()
+    assert cfg.hflip == 0.0 and cfg.rotation == 10.0 and cfg.crop_scale == (0.8, 1.0)
+    assert cfg.cache_size == 258  # ~1.15 x 224
+    assert AugmentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(("data", "pattern"), [({"flip": 0.5}, "unknown augment settings"),
+                                               ({"gamma": [1.2, 0.8]}, "gamma must be"),
+                                               ({"image_size": 4}, "image_size must be")])
+def test_augment_config_errors(data: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        AugmentConfig.from_dict(data)
+
+
+# -- pieces -------------------------------------------------------------------------------------------------
+
+
+def test_warmup_then_cosine() -> None:
+    values = [_warmup_cosine(s, warmup=4, total=20) for s in range(20)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert values[-1] < 0.05
+
+
+def test_train_config_validates() -> None:
+    with pytest.raises(ConfigError, match="unknown architecture 'resnet9'"):
+        TrainConfig(arch="resnet9")
+    with pytest.raises(ConfigError, match="seg_mode must be one of"):
+        TrainConfig(seg_mode="lungs")
+    assert TrainConfig(threshold_method="sensitivity").target_sensitivity == 0.9
+    assert TrainConfig().peak_lr == 1e-3 and TrainConfig(pretrained="imagenet").peak_lr == 3e-4
+
+
+def test_tiny_model_loss_falls(cohort: Path) -> None:
+    df = pd.read_csv(cohort).head(16)
+    images = [load_image(cohort.parent / p)[0] for p in df["image"]]
+    tf = build_eval_transform(64)
+    x = torch.stack([tf(to_cache_image(im, 74)) for im in images])
+    y = torch.as_tensor((df["label"] == "covid").to_numpy().astype(np.int64))
+    torch.manual_seed(0)
+    module = ClassifierModule("resnet18", "none", lr=1e-3)
+    opt = torch.optim.AdamW(module.model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(module(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    module.eval()
+    with torch.no_grad():
+        final = float(torch.nn.functional.cross_entropy(module(x), y))
+    assert final < losses[0]
+
+
+def test_split_column_used_or_made(cohort: Path) -> None:
+    from covidcxr.data import read_manifest
+
+    df = read_manifest(cohort)
+    made = prepare_split(df, TrainConfig(seed=3))
+    assert set(made["split"]) == {"train", "val", "test"}
+    assert made.groupby("patient_id")["split"].nunique().max() == 1  # patient-level
+    given = made.assign(split=np.where(made["split"] == "test", "val", made["split"]))
+    kept = prepare_split(given, TrainConfig(seed=99))
+    assert kept["split"].tolist() == given["split"].tolist()
+
+
+def test_single_class_validation_refused(cohort: Path) -> None:
+    from covidcxr.data import read_manifest
+
+    df = prepare_split(read_manifest(cohort), TrainConfig())
+    df.loc[(df["split"] == "val") & (df["label"] == "covid"), "split"] = "train"
+    with pytest.raises(ConfigError, match="split 'val' holds only one class"):
+        prepare_split(df, TrainConfig())
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(cohort: Path, tmp_path_factory) -> tuple[Path, dict]:
+    import covidcxr.evaluate as evaluate
+
+    calls: dict = {}
+    real = evaluate.choose_threshold
+
+    def spy(y, p, method="youden", target_sensitivity=None):
+        calls.update(y=np.asarray(y), p=np.asarray(p), method=method)
+        calls["result"] = real(y, p, method, target_sensitivity)
+        return calls["result"]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(evaluate, "choose_threshold", spy)
+    try:
+        out = train_classifier(cohort, tmp_path_factory.mktemp("run") / "out", epochs=2, **TINY)
+    finally:
+        mp.undo()
+    return out, calls
+
+
+def test_training_writes_artifact_and_logs(trained: tuple[Path, dict]) -> None:
+    out, _ = trained
+    for name in ("config.json", "model.safetensors", "val_predictions.csv", "checkpoints/last.ckpt",
+                 "checkpoints/best.ckpt", "logs/version_0/metrics.csv", "test_eval/metrics.json", "split.csv"):
+        assert (out / name).is_file(), name
+    history = pd.read_csv(out / "logs" / "version_0" / "metrics.csv")
+    assert {"train_loss_step", "val_auc", "val_loss"} <= set(history.columns)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["train_images_per_s"] > 0
+    assert summary["data"]["per_split_label"]["val"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["training"]["history"] == "logs/version_0/metrics.csv"
+    assert cfg["input_size"] == 32 and cfg["seg_mode"] == "none"
+
+
+def test_threshold_chosen_on_validation_only(trained: tuple[Path, dict]) -> None:
+    out, calls = trained
+    val = pd.read_csv(out / "val_predictions.csv")
+    split = pd.read_csv(out / "split.csv")
+    assert len(calls["y"]) == (split["split"] == "val").sum() == len(val)
+    np.testing.assert_allclose(np.sort(calls["p"]), np.sort(val["prob"]))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["threshold"] == calls["result"]
+    metrics = json.loads((out / "test_eval" / "metrics.json").read_text())
+    assert metrics["threshold"] == pytest.approx(cfg["threshold"])  # test uses the validation threshold
+
+
+def test_trained_artifact_reproduces_validation_predictions(trained: tuple[Path, dict]) -> None:
+    out, _ = trained
+    val = pd.read_csv(out / "val_predictions.csv")
+    art = load_artifact(out, "cpu")
+    probs = art.predict_proba([load_image(p)[0] for p in val["image"]])
+    np.testing.assert_allclose(probs, val["prob"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_refuses_non_empty_out(trained: tuple[Path, dict], cohort: Path) -> None:
+    out, _ = trained
+    with pytest.raises(ConfigError, match="output folder exists and is not empty"):
+        train_classifier(cohort, out, epochs=1, **TINY)
+
+
+def test_resume_continues_from_last_checkpoint(trained: tuple[Path, dict], cohort: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = shutil.copytree(trained[0], tmp_path / "resumed")
+    train_classifier(cohort, out, resume=True, epochs=3, **TINY)
+    history = pd.read_csv(out / "logs" / "version_0" / "metrics.csv")
+    assert sorted(history["epoch"].dropna().unique().astype(int).tolist()) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="nothing to resume from"):
+        train_classifier(cohort, tmp_path / "empty", resume=True, epochs=1, **TINY)
