@@ -24,7 +24,7 @@ from covidcxr.augment import build_eval_transform, cache_size_for
 from covidcxr.errors import ConfigError, ModelError
 from covidcxr.models import IMAGENET_MEAN, IMAGENET_STD, create_classifier
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 SIZE = 32
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -136,6 +137,33 @@ def test_explain_uses_the_registry_target_layer(toy, cxr, monkeypatch) -> None:
     other = explain(art, image, mask).heatmap
     assert seen == ["resnet18"]
     assert not np.allclose(default, other)
+
+
+def test_gradcam_equals_the_plain_library_call(toy, cxr) -> None:
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from covidcxr.models import gradcam_target_layer
+
+    image, mask = cxr
+    art = load_artifact(toy.model_dir, "cpu")
+    ours = member_heatmap(art, image, mask)
+    x = art.preprocess(image, mask)[None]
+    with GradCAM(model=art.model, target_layers=[gradcam_target_layer(art.model)]) as cam:
+        grid = cam(input_tensor=x, targets=[ClassifierOutputTarget(1)])[0]
+    plain = np.clip(cv2.resize(grid, image.shape[::-1], interpolation=cv2.INTER_LINEAR), 0, 1)
+    np.testing.assert_allclose(ours, plain, atol=1e-6)
+    assert all(p.requires_grad for p in art.model.parameters())  # restored after the frozen-parameter pass
+
+
+def test_in_place_target_layers_work(toy, cxr, monkeypatch) -> None:
+    from covidcxr import models
+
+    image, mask = cxr
+    art = load_artifact(toy.model_dir, "cpu")
+    monkeypatch.setattr(models, "gradcam_target_layer", lambda model: model.backbone.relu)  # ReLU(inplace=True)
+    heat = member_heatmap(art, image, mask)
+    assert heat.shape == image.shape and np.isfinite(heat).all()
 
 
 def test_explain_rejects_bad_input(toy, cxr) -> None:

@@ -54,6 +54,15 @@ def test_pil_formats_roundtrip(tmp_path, gray, suffix, mode, bits, fmt, tol):
     assert meta.warnings == []
 
 
+def test_jpeg_exif_orientation_applied(tmp_path, gray):
+    im = Image.fromarray(np.rint(gray * 255).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    image, meta = load_image(tmp_path / "rot.jpg")
+    assert image.shape == meta.original_size == gray.shape[::-1]
+
+
 @pytest.mark.parametrize("bit_depth", [8, 16])
 def test_save_png_roundtrip(tmp_path, gray, bit_depth):
     image, meta = load_image(save_png(tmp_path / "a.png", gray, bit_depth=bit_depth))
@@ -190,6 +199,7 @@ def test_load_image_bytes_uses_name(gray):
         {"photometric": "MONOCHROME1"},
         {"rescale": (2.0, -1024.0), "bits_stored": 12},
         {"rescale": (0.5, 100.0), "photometric": "MONOCHROME1"},
+        {"rescale": (1.0, -1024.0), "window": (2048 - 1024, 4096), "bits_stored": 12},  # full-range window
     ],
 )
 def test_dicom_roundtrip(tmp_path, gray, kwargs, caplog):
@@ -217,6 +227,12 @@ def test_dicom_voi_window(tmp_path, gray):
     expected = np.clip((stored - (center - 0.5)) / (width - 1) + 0.5, 0, 1)  # DICOM LINEAR window
     np.testing.assert_allclose(image, expected, atol=1e-5)
     assert image.min() == 0.0 and image.max() == 1.0  # the window clips both ends of this image
+
+
+def test_dicom_invalid_window(tmp_path, gray):
+    path = write_dicom(tmp_path / "badwin.dcm", gray, window=(100.0, 0.0))
+    with pytest.raises(ImageReadError, match=r"badwin\.dcm: invalid Modality/VOI LUT or window"):
+        load_image(path)
 
 
 def test_dicom_detected_by_magic_not_name(tmp_path, gray):

@@ -115,7 +115,7 @@ def test_load_errors(tmp_path: Path) -> None:
 
 
 def test_missing_shipped_weights_say_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import covidcxr.segment as segment
+    from covidcxr import segment
 
     monkeypatch.setattr(segment, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(PretrainedWeightsError, match="segment train"):
@@ -343,6 +343,17 @@ def test_cli_evaluate_prints_dice_table(synth_cohort: Path, tiny_weights: Path, 
     assert "Lung Dice" in printed and "all" in printed
     per_image = pd.read_csv(tmp_path / "dice_per_image.csv")
     assert per_image["dice"].between(0, 1).all()
+
+
+def test_cli_install_copies_weights(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from covidcxr import segment
+    from covidcxr.cli import main
+
+    monkeypatch.setattr(segment, "WEIGHTS_DIR", tmp_path / "pkg")
+    assert main(["segment", "install", str(tiny_weights)]) == 0
+    assert segment.shipped_weights_available()
+    assert LungSegmenter.load().config["input_size"] == 32
+    assert main(["segment", "install", str(tmp_path / "nowhere")]) == 2
 
 
 def test_segmentation_demo_reports_dice(synth_cohort: Path, tiny_weights: Path, tmp_path: Path) -> None:

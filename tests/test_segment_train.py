@@ -107,7 +107,7 @@ def test_tiny_training_loss_falls() -> None:
     losses = []
     for _ in range(3):  # loss before, after step 1, after step 2
         loss = module.loss(module(image), mask)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -116,8 +116,8 @@ def test_tiny_training_loss_falls() -> None:
 
 def test_train_export_resume_install(pair_manifest: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    kwargs = dict(batch_size=4, config=TINY, accelerator="cpu", num_workers=0, precision="32-true", progress=False,
-                  val=0.17, test=0.17, augment={"degrees": 5.0})
+    kwargs = {"batch_size": 4, "config": TINY, "accelerator": "cpu", "num_workers": 0, "precision": "32-true",
+              "progress": False, "val": 0.17, "test": 0.17, "augment": {"degrees": 5.0}}
     weights = train_segmenter(pair_manifest, out, epochs=1, **kwargs)
     assert weights == out / "lung_unet.safetensors" and weights.is_file()
     assert (out / "checkpoints" / "last.ckpt").is_file() and list(out.glob("logs/version_*/metrics.csv"))

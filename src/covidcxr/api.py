@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from urllib.parse import quote
 import numpy as np
 
 from covidcxr import __version__
-from covidcxr.errors import ConfigError, ImageTooLargeError, IndexError_, UnsupportedImageError
+from covidcxr.errors import ConfigError, ImageReadError, ImageTooLargeError, IndexError_, UnsupportedImageError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class ServeSettings:
         thumbnail_size: Longer side of case thumbnails.
         segmenter_weights: Lung-segmenter weights; None uses the model's own segmenter, else the shipped one.
         device: Inference device (``auto``, ``cpu``, ``cuda``).
+        inference_threads: Worker threads running analyses. The model itself runs one request at a time (it is
+            locked); more threads only overlap decoding and PNG encoding, and each thread costs glibc malloc arena
+            memory (about 20 MB per thread measured with a ResNet-18), so 1 is the default.
     """
 
     host: str = "127.0.0.1"
@@ -67,6 +71,7 @@ class ServeSettings:
     thumbnail_size: int = 160
     segmenter_weights: Path | None = None
     device: str = "auto"
+    inference_threads: int = 1
 
     def __post_init__(self) -> None:
         if not self.max_upload_mb > 0:
@@ -75,6 +80,8 @@ class ServeSettings:
             raise ConfigError(f"k={self.k}: must be at least 1")
         if not 0 <= int(self.port) <= 65535:
             raise ConfigError(f"port={self.port}: must be in 0..65535")
+        if int(self.inference_threads) < 1:
+            raise ConfigError(f"inference_threads={self.inference_threads}: must be at least 1")
         if int(self.display_size) < 64 or int(self.thumbnail_size) < 16:
             raise ConfigError(f"display_size={self.display_size}/thumbnail_size={self.thumbnail_size}: too small")
         if self.keep_uploads is not None:
@@ -153,7 +160,9 @@ class CaseService:
     """Loaded model, segmenter and index, answering analyses for the CLI and the web app.
 
     Model calls are serialised with a lock: Grad-CAM hooks the network and the artifact keeps per-call state,
-    so two threads must not run it at once. Decoding and PNG encoding run outside the lock.
+    so two threads must not run it at once. Decoding and PNG encoding run outside the lock. :attr:`executor`
+    is the small thread pool the web app runs analyses in (``settings.inference_threads`` threads), so the event
+    loop stays free and memory stays flat.
 
     Args:
         artifact: Loaded classifier or ensemble artifact.
@@ -182,6 +191,8 @@ class CaseService:
         self.segmenter_key = segmenter_key
         self.index_dir = Path(index_dir) if index_dir is not None else None
         self._model_lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=int(self.settings.inference_threads),
+                                           thread_name_prefix="covidcxr-analysis")
         self._thumb_lock = threading.Lock()
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
         meta = index.metadata_
@@ -217,6 +228,10 @@ class CaseService:
         log.info("loaded model %s (%s), index of %d cases and segmenter in %.1f s", model_dir,
                  artifact.weights_hash[:12], len(index), time.perf_counter() - t0)
         return cls(artifact, index, segmenter, settings, segmenter_key=key, index_dir=index_dir)
+
+    def close(self) -> None:
+        """Stop the analysis threads (waiting for running analyses)."""
+        self.executor.shutdown(wait=True)
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -260,6 +275,8 @@ class CaseService:
         if len(data) > limit:
             raise ImageTooLargeError(UPLOAD_NAME, f"{len(data):,} bytes exceeds the upload limit of {limit:,} bytes "
                                                   f"({self.settings.max_upload_mb:g} MB)")
+        if not data:
+            raise ImageReadError(UPLOAD_NAME, "empty file (0 bytes)")
         fmt = sniff_format(data)
         if fmt is None:
             raise UnsupportedImageError(UPLOAD_NAME, "not a PNG, JPEG or DICOM file (recognised by content, not "
@@ -298,11 +315,11 @@ class CaseService:
             mask = np.asarray(seg.mask)
             timing["segment"] = _ms(t)
             t = time.perf_counter()
-            pred = self.artifact.predict([image], masks_for_model(self.artifact, self.segmenter_key, mask),
-                                         embeddings=True)
+            model_masks = masks_for_model(self.artifact, self.segmenter_key, mask)
+            pred = self.artifact.predict([image], model_masks, embeddings=True)
             timing["classify"] = _ms(t)
             t = time.perf_counter()
-            expl = explain(self.artifact, image, mask)
+            expl = explain(self.artifact, image, mask, mask_for_model=model_masks is not None)
             timing["explain"] = _ms(t)
         t = time.perf_counter()
         matches = self.index.search(pred.embeddings[:1], k=self.settings.k)[0]
@@ -360,13 +377,14 @@ class CaseService:
         return path
 
     # ------------------------------------------------------------------ thumbnails
-    def _thumbnail_sources(self, meta: Any) -> list[str | None]:
-        sources: list[str | None] = []
-        cols = [c for c in ("thumbnail", "image") if c in meta.columns]
-        for _, row in meta[cols].iterrows() if cols else []:
-            value = next((row[c] for c in cols if isinstance(row[c], str) and row[c]), None)
-            sources.append(value)
-        return sources or [None] * len(meta)
+    @staticmethod
+    def _thumbnail_sources(meta: Any) -> list[str | None]:
+        # Per case: the ``thumbnail`` column when set, else the ``image`` column (archive file on this server).
+        empty = [None] * len(meta)
+        thumbs = meta["thumbnail"].tolist() if "thumbnail" in meta.columns else empty
+        images = meta["image"].tolist() if "image" in meta.columns else empty
+        return [t if isinstance(t, str) and t else i if isinstance(i, str) and i else None
+                for t, i in zip(thumbs, images, strict=True)]
 
     def has_case(self, case_id: str) -> bool:
         """Whether ``case_id`` is in the index."""
@@ -453,9 +471,8 @@ def _pick_segmenter(artifact: Any, weights: str | Path | None) -> tuple[Any, str
     from covidcxr.segment import LungSegmenter
 
     if weights is not None:
-        from covidcxr.artifact import sha256_file
-
-        return LungSegmenter.load(weights), sha256_file(weights)
+        segmenter = LungSegmenter.load(weights)
+        return segmenter, segmenter.weights_hash
     members = getattr(artifact, "members", None) or [artifact]
     for m in members:
         if m.segmenter_key is not None:
@@ -513,8 +530,9 @@ def explain_file(
         segmenter, key = _pick_segmenter(artifact, segmenter_weights)
         seg = segmenter.predict([image])[0]
         mask, qc = np.asarray(seg.mask).astype(np.uint8), list(seg.qc_flags)
-    pred = artifact.predict([image], masks_for_model(artifact, key, mask))
-    expl = explain(artifact, image, mask)
+    model_masks = masks_for_model(artifact, key, mask)
+    pred = artifact.predict([image], model_masks)
+    expl = explain(artifact, image, mask, mask_for_model=model_masks is not None)
     stem = image_path.stem
     files = {k: str(v) for k, v in save_explanation(expl, out, stem).items()}
     outline = outline_rgba(mask)

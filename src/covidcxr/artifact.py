@@ -761,6 +761,18 @@ class MaskCache:
         """File stem of an image's cached mask."""
         return hashlib.sha1(os.path.abspath(image_path).encode()).hexdigest()[:20]
 
+    def cached_path(self, image_path: str) -> Path | None:
+        """The cached mask PNG of an image, or None when not cached."""
+        if self.dir is None:
+            return None
+        k = self.key(image_path)
+        path = self.dir / f"{k}.png"
+        return path if k in self._qc and path.is_file() else None
+
+    def flags(self, image_path: str) -> list[str]:
+        """Cached QC flags of an image (empty when not cached)."""
+        return list(self._qc.get(self.key(image_path), []))
+
     def get(self, image_path: str) -> tuple[np.ndarray, list[str]] | None:
         """Cached ``(mask, qc_flags)`` or None."""
         if self.dir is None:

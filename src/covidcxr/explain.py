@@ -52,6 +52,7 @@ def explain(
     *,
     target_class: int = POSITIVE_CLASS,
     image_weight: float = 0.6,
+    mask_for_model: bool = True,
 ) -> Explanation:
     """Explain one image with Grad-CAM.
 
@@ -63,6 +64,8 @@ def explain(
             such models segment the image themselves.
         target_class: Class to explain (default 1 = covid).
         image_weight: Weight of the X-ray in the overlay (the heat map gets ``1 - image_weight``).
+        mask_for_model: Hand ``mask`` to models that use a segmentation mode. False when it comes from another
+            segmenter than the model's own: they then segment with their own weights, as in prediction.
 
     Returns:
         The :class:`Explanation`.
@@ -76,7 +79,8 @@ def explain(
         if mask.shape != image.shape:
             raise ConfigError(f"mask shape {mask.shape} differs from image shape {image.shape}")
     members, weights = _members(artifact)
-    maps = [member_heatmap(m, image, mask, target_class=target_class) for m in members]
+    model_mask = mask if mask_for_model else None
+    maps = [member_heatmap(m, image, model_mask, target_class=target_class) for m in members]
     heat = np.average(np.stack(maps), axis=0, weights=weights) if len(maps) > 1 else maps[0]
     heat = _rescale(heat)
     return Explanation(
@@ -119,13 +123,22 @@ def member_heatmap(
     if member.seg_mode == "crop" and mask is None:
         mask = member.segment([image])[0][0]  # the crop box must be known to map the heat map back
     x = member.preprocess(image, mask)[None].to(member.device)
+    layer = gradcam_target_layer(model)
     was_training = model.training
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    # Only the target layer's activations need gradients: freeze every parameter and start the autograd graph at
+    # the layer's input, so backward runs through the target layer and the head only (not the whole network).
+    for p in model.parameters():
+        p.requires_grad_(False)
+    handle = layer.register_forward_pre_hook(_start_graph_here)
     try:
-        # Grad-CAM needs gradients; the artifact's own inference runs in inference mode, so no state leaks.
-        with torch.enable_grad(), GradCAM(model=model, target_layers=[gradcam_target_layer(model)]) as cam:
+        with torch.enable_grad(), GradCAM(model=model, target_layers=[layer]) as cam:
             grid = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(target_class))])[0]
     finally:
-        model.zero_grad(set_to_none=True)  # free the parameter gradients backward() left behind
+        handle.remove()
+        for p, flag in zip(model.parameters(), grad_flags, strict=True):
+            p.requires_grad_(flag)
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
     grid = np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
     return _to_image_geometry(grid, image, mask, member.seg_mode)
@@ -179,12 +192,14 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, *, image_weight: flo
                              image_weight=float(image_weight))
 
 
-def heatmap_rgba(heatmap: np.ndarray, *, max_alpha: float = 0.65) -> np.ndarray:
+def heatmap_rgba(heatmap: np.ndarray, *, max_alpha: float = 0.6, full_at: float = 0.5) -> np.ndarray:
     """A transparent heat-map layer (jet colours, opacity rising with the heat) to lay over the X-ray.
 
     Args:
         heatmap: float ``H x W`` in [0, 1].
-        max_alpha: Opacity of the hottest pixels.
+        max_alpha: Opacity of the hot pixels.
+        full_at: Heat from which the opacity is ``max_alpha``; below it the opacity fades smoothly to 0, so weak
+            evidence does not veil the image and the layer has no hard edges.
 
     Returns:
         uint8 ``H x W x 4`` RGBA.
@@ -193,8 +208,8 @@ def heatmap_rgba(heatmap: np.ndarray, *, max_alpha: float = 0.65) -> np.ndarray:
 
     heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
     rgb = cv2.cvtColor(cv2.applyColorMap(np.uint8(np.rint(255 * heat)), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    # A little opacity floor keeps weak but non-zero evidence visible; zero heat stays fully transparent.
-    alpha = np.where(heat > 0.02, 0.15 + (max_alpha - 0.15) * heat, 0.0)
+    t = np.clip(heat / full_at, 0.0, 1.0)
+    alpha = max_alpha * t * t * (3 - 2 * t)  # smoothstep
     return np.dstack([rgb, np.uint8(np.rint(255 * alpha))])
 
 
@@ -259,6 +274,14 @@ def _members(artifact: Any) -> tuple[list[Any], np.ndarray]:
     if not hasattr(artifact, "model"):
         raise ConfigError(f"cannot explain a {type(artifact).__name__}: expected a loaded model artifact")
     return [artifact], np.ones(1)
+
+
+def _start_graph_here(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    import torch
+
+    # clone(): a non-leaf copy, so target layers that work in place (VGG's ReLU(inplace=True)) are allowed.
+    return tuple(a.detach().requires_grad_(True).clone() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                 else a for a in args)
 
 
 def _rescale(heat: np.ndarray) -> np.ndarray:

@@ -155,18 +155,16 @@ def _read_pil(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
         raise ImageTooLargeError(name, f"{w} x {h} = {w * h:,} pixels exceeds the limit of {MAX_PIXELS:,}")
     if getattr(im, "n_frames", 1) > 1 and fmt == "tiff":
         raise UnsupportedImageError(name, f"multi-page TIFF ({im.n_frames} pages); save one frontal image per file")
-    tiff_bits = _tiff_bits(im) if fmt == "tiff" else 16  # read before exif_transpose drops the TIFF tags
+    int_bits = _tiff_bits(im) if fmt == "tiff" else 16  # read before exif_transpose drops the TIFF tags
     try:
         im.load()
         if fmt in ("jpeg", "tiff"):
             im = ImageOps.exif_transpose(im)
-    except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(name, f"image refused while decoding: {e}") from e
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
         raise ImageReadError(name, f"truncated or corrupt {fmt.upper()} image data ({e})") from e
 
     mode = im.mode
-    meta = ImageMeta(path=name, format=fmt, original_size=(h, w), bit_depth=8, photometric="MONOCHROME2")
+    meta = ImageMeta(path=name, format=fmt, original_size=im.size[::-1], bit_depth=8, photometric="MONOCHROME2")
     if mode == "1":
         meta.bit_depth = 1
         return np.asarray(im, dtype=np.float32), meta
@@ -176,7 +174,7 @@ def _read_pil(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
         return np.asarray(im.getchannel(0), dtype=np.float32) / 255.0, meta
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(im)
-        meta.bit_depth = tiff_bits
+        meta.bit_depth = int_bits
         return arr.astype(np.float32) / float(2**meta.bit_depth - 1), meta
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
@@ -246,12 +244,15 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
     arr = _decode_dicom_pixels(ds, name)
 
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        arr = apply_modality_lut(arr, ds)
-        if _has_voi(ds):
-            lo, hi = _voi_output_range(ds)
-            arr = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
-        else:
-            lo, hi = sorted(_modality_output_range(ds))
+        try:
+            arr = apply_modality_lut(arr, ds)
+            if _has_voi(ds):
+                lo, hi = _voi_output_range(ds)
+                arr = apply_voi_lut(arr, ds, index=0, prefer_lut=True)
+            else:
+                lo, hi = sorted(_modality_output_range(ds))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError) as e:
+            raise ImageReadError(name, f"invalid Modality/VOI LUT or window attributes ({e})") from e
         image = (np.asarray(arr, dtype=np.float64) - lo) / ((hi - lo) or 1.0)
         if photometric == "MONOCHROME1":
             meta.warn("MONOCHROME1 image inverted so that bright means dense")

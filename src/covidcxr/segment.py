@@ -411,6 +411,8 @@ class LungSegmenter:
         return [self._result(np.asarray(im, np.float32), p) for im, p in zip(images, probs)]
 
     def _result(self, image: np.ndarray, prob: np.ndarray) -> SegResult:
+        from covidcxr.transforms import resize_image
+
         threshold = float(self.config["threshold"])
         small = postprocess(prob, threshold)
         # Clean the probabilities with the small mask, then upsample them (not the binary mask) so the outline
@@ -419,13 +421,8 @@ class LungSegmenter:
         binary = prob >= threshold
         cleaned[binary & (small == 0)] = 0.0
         cleaned[~binary & (small == 1)] = 1.0
-        if cleaned.shape == image.shape:
-            mask = (cleaned >= threshold).astype(np.uint8)
-        else:
-            up = torch.nn.functional.interpolate(
-                torch.from_numpy(cleaned)[None, None], size=image.shape, mode="bilinear", align_corners=False
-            )[0, 0]
-            mask = (up >= threshold).numpy().astype(np.uint8)
+        up = resize_image(cleaned, image.shape).numpy()
+        mask = (up >= threshold).astype(np.uint8)
         flags = qc_flags(small, prob=prob, image=image)
         confidence = float(prob[small > 0].mean()) if small.any() else 0.0
         return SegResult(

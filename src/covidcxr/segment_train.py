@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -36,14 +37,15 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 # --------------------------------------------------------------------------------------------- data
-def read_seg_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
+def read_seg_manifest(path: str | os.PathLike[str], *, require_mask: bool = True) -> pd.DataFrame:
     """Read a lung-mask manifest (``image``, ``mask``, ``patient_id``; optional ``mask_source``, ``source``).
 
     Args:
         path: Manifest CSV; paths relative to its folder.
+        require_mask: Every row must have a mask; False drops rows without one (with a warning).
 
     Returns:
-        The table with absolute paths; ``df.attrs['rel_image']``/``['rel_mask']`` hold the paths as written.
+        The table with absolute ``image``/``mask`` paths, plus ``rel_image``/``rel_mask`` as written in the CSV.
 
     Raises:
         ManifestError: Missing columns, empty values or missing files (all listed).
@@ -55,10 +57,14 @@ def read_seg_manifest(path: str | os.PathLike[str]) -> pd.DataFrame:
     problems = [f"missing column '{c}'" for c in ("image", "mask", "patient_id") if c not in df.columns]
     if problems:
         raise ManifestError(path, problems)
+    no_mask = (df["mask"].astype(str).str.strip() == "").to_numpy()
+    if not require_mask and no_mask.any():
+        log.warning("%s: %d row(s) without a mask skipped", path, int(no_mask.sum()))
+        df, raw = df[~no_mask], raw[~no_mask]
     for col in ("image", "mask", "patient_id"):
         empty = np.flatnonzero(df[col].astype(str).str.strip() == "")
         if len(empty):
-            problems.append(f"empty '{col}' in row(s) {', '.join(str(i + 2) for i in empty[:10])}")
+            problems.append(f"empty '{col}' in row(s) {', '.join(str(df.index[i] + 2) for i in empty[:10])}")
     missing = [p for col in ("image", "mask") for p in df[col] if p and not os.path.isfile(p)]
     if missing:
         problems.append(f"{len(missing)} file(s) not found, e.g. {', '.join(missing[:3])}")
@@ -286,7 +292,7 @@ def dice_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class LungSegModule(L.LightningModule):
-    """U-Net + Dice/BCE loss + AdamW with a one-cycle schedule; logs ``val_dice`` (per image, thresholded).
+    """U-Net + Dice/BCE loss + AdamW with warm-up + cosine schedule; logs ``val_dice`` (per image, thresholded).
 
     Args:
         config: U-Net config (see :func:`covidcxr.models.unet_config`).
@@ -336,11 +342,38 @@ class LungSegModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=total, pct_start=0.1)
+        warmup = max(1, total // 20)
+
+        # Linear warm-up then cosine decay. A plain function (not OneCycleLR) because LambdaLR does not save it
+        # in checkpoints: a run resumed with more epochs follows the new length instead of failing.
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 # --------------------------------------------------------------------------------------------- training
+class _EpochSummary(L.Callback):
+    """One INFO line per epoch with the validation Dice per source (readable in logs without a progress bar)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_dice", "train_loss_ep"))}
+        if not trainer.is_global_zero or "val_dice" not in m:
+            return
+        per_source = ", ".join(f"{k.removeprefix('val_dice_')} {v:.4f}" for k, v in sorted(m.items())
+                               if k.startswith("val_dice_"))
+        log.info("epoch %d/%d: train loss %.4f, val Dice %.4f (%s), %.0f s", trainer.current_epoch + 1,
+                 trainer.max_epochs, m.get("train_loss_epoch", float("nan")), m["val_dice"], per_source,
+                 time.perf_counter() - self.t0)
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """Map ``'auto'`` to bf16 autocast where the hardware supports it, else fp32.
 
@@ -400,7 +433,7 @@ def train_segmenter(
         out: Output folder.
         epochs: Training epochs.
         batch_size: Batch size per device.
-        lr: Peak learning rate (one-cycle).
+        lr: Peak learning rate (after a linear warm-up, cosine decay to 2 % of it).
         weight_decay: AdamW weight decay.
         config: U-Net config overrides (architecture, normalisation, threshold).
         input_size: Model input side (overrides ``config``).
@@ -464,14 +497,15 @@ def train_segmenter(
         accelerator=accelerator,
         devices=devices,
         precision=precision,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch")],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="epoch"), _EpochSummary()],
         logger=CSVLogger(out, name="logs"),
         max_time={"minutes": max_minutes} if max_minutes else None,
-        log_every_n_steps=5,
+        log_every_n_steps=max(1, min(10, int((table["split"] == "train").sum()) // batch_size)),
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=False,  # bilinear upsampling backward has no deterministic CUDA kernel
+        benchmark=torch.cuda.is_available(),  # fixed input size: let cuDNN pick the fastest kernels once
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

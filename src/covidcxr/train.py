@@ -21,7 +21,6 @@ import platform
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from covidcxr.artifact import (
     SEG_MODES,
     MaskCache,
     ModelArtifact,
-    load_masks_for_rows,
     prepare_image,
     resolve_device,
     safe_auc,
@@ -95,6 +93,7 @@ class TrainConfig:
         progress: Progress bars.
         eval_test: Evaluate the test split after training (patient-bootstrap CIs).
         n_boot: Bootstrap replicates of the test evaluation.
+        max_minutes: Stop training after this many minutes (None = no limit); the best checkpoint is kept.
     """
 
     arch: str = "resnet50"
@@ -131,6 +130,7 @@ class TrainConfig:
     progress: bool = True
     eval_test: bool = True
     n_boot: int = 1000
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         get_arch_spec(self.arch)  # ConfigError listing the valid names
@@ -246,7 +246,8 @@ class ClassifierModule(L.LightningModule):
         """Collect probabilities for the epoch's ROC AUC; log the unweighted loss."""
         x, y = batch
         logits = self.model(x).float()
-        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y),
+                 sync_dist=True)
         self._val_prob.append(torch.softmax(logits, dim=1)[:, 1].detach())
         self._val_y.append(y.detach())
 
@@ -261,7 +262,8 @@ class ClassifierModule(L.LightningModule):
             prob, y = self.all_gather(prob).reshape(-1), self.all_gather(y).reshape(-1)
         auc = safe_auc(y.cpu().numpy(), prob.cpu().numpy())
         # A single-class validation batch (sanity check, tiny sets) has no AUC; 0.5 keeps callbacks finite.
-        self.log("val_auc", 0.5 if math.isnan(auc) else auc, prog_bar=True, sync_dist=False)
+        # Same value on every rank (computed from gathered predictions); syncing it is a no-op average.
+        self.log("val_auc", 0.5 if math.isnan(auc) else auc, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         """AdamW (no decay on norms/biases) with per-step linear warm-up then cosine decay."""
@@ -338,6 +340,33 @@ class CachedImageDataset(Dataset):
         return self.transform(self.cache[i]), self.labels[i]
 
 
+class _PrepareDataset(Dataset):
+    """Decode one row and apply :func:`prepare_image` (run in DataLoader worker processes: seg modes cost CPU)."""
+
+    def __init__(self, images: list[str], masks: list[str], seg_mode: str, cache_size: int) -> None:
+        self.images, self.masks, self.seg_mode, self.cache_size = images, masks, seg_mode, cache_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, list[str]]:
+        from covidcxr.artifact import read_mask
+        from covidcxr.io import load_image
+
+        image, _ = load_image(self.images[i])
+        mask = read_mask(self.masks[i]) if self.masks[i] else None
+        flags: list[str] = []
+        return i, prepare_image(image, mask, self.seg_mode, self.cache_size, flags), flags
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _has_path(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() not in ("", "nan", "None")
+
+
 def build_image_cache(
     df: pd.DataFrame,
     seg_mode: str,
@@ -351,49 +380,71 @@ def build_image_cache(
 ) -> tuple[torch.Tensor, list[list[str]]]:
     """Decode every row once: segmentation mode applied, squashed to ``cache_size``, uint8.
 
+    Lung masks come from the ``mask`` column when given, else from ``mask_cache``, else from ``segmenter``
+    (batched, then stored in ``mask_cache`` so a resumed run or another variant does not segment again).
+    Decoding and the segmentation mode run in ``num_workers`` processes.
+
     Args:
         df: Rows with ``image`` (and optional ``mask``) paths.
         seg_mode: ``none``, ``mask`` or ``crop``.
         cache_size: Side of the cached square.
         segmenter: Object with ``predict(images) -> [SegResult]`` for rows without a mask (seg modes only).
-        mask_cache: Where predicted masks are cached.
-        num_workers: Decoding threads.
-        chunk: Rows decoded (and segmented) together.
-        progress: Show a progress bar.
+        mask_cache: Where predicted masks are stored (required when rows lack masks).
+        num_workers: Worker processes (and decoding threads for segmentation).
+        chunk: Rows segmented together.
+        progress: Show progress bars.
 
     Returns:
         ``(uint8 tensor (N, 1, S, S), qc_flags per row)``.
+
+    Raises:
+        ConfigError: A seg mode without masks and without a segmenter or mask cache.
     """
     from tqdm.auto import tqdm
 
     from covidcxr.artifact import decode_images
 
-    cache = torch.empty((len(df), 1, cache_size, cache_size), dtype=torch.uint8)
-    qc_all: list[list[str]] = []
-
-    def segment(images: list[np.ndarray]) -> tuple[list[np.ndarray], list[list[str]]]:
-        if segmenter is None:
-            raise ConfigError(f"segmentation mode {seg_mode!r} needs lung masks: add a 'mask' column or a segmenter")
-        results = segmenter.predict(images)
-        return [np.asarray(r.mask) for r in results], [list(r.qc_flags) for r in results]
-
     rows_all = df.reset_index(drop=True)
-    pool = ThreadPoolExecutor(max(1, num_workers))
-    try:
-        for start in tqdm(range(0, len(rows_all), chunk), desc="cache images", unit="chunk", disable=not progress):
-            rows = rows_all.iloc[start : start + chunk]
-            images = decode_images(rows["image"].astype(str).tolist(), num_workers)
-            if seg_mode == "none":
-                masks: list[np.ndarray | None] = [None] * len(images)
-                qc: list[list[str]] = [[] for _ in images]
+    images = rows_all["image"].astype(str).tolist()
+    given = rows_all["mask"].tolist() if "mask" in rows_all.columns else [""] * len(rows_all)
+    mask_paths = [""] * len(rows_all)
+    seg_qc: list[list[str]] = [[] for _ in images]
+    if seg_mode != "none":
+        todo = []
+        for i, (img, m) in enumerate(zip(images, given)):
+            if _has_path(m):
+                mask_paths[i] = str(m)
+            elif mask_cache is not None and (hit := mask_cache.cached_path(img)) is not None:
+                mask_paths[i], seg_qc[i] = str(hit), mask_cache.flags(img)
             else:
-                masks, qc = load_masks_for_rows(rows, images, segment, mask_cache)
-            prepared = pool.map(lambda a: prepare_image(a[0], a[1], seg_mode, cache_size, a[2]), zip(images, masks, qc))
-            for j, t in enumerate(prepared):
-                cache[start + j] = t
-            qc_all.extend(qc)
-    finally:
-        pool.shutdown()
+                todo.append(i)
+        if todo and (segmenter is None or mask_cache is None or mask_cache.dir is None):
+            raise ConfigError(
+                f"segmentation mode {seg_mode!r} needs lung masks for {len(todo)} image(s) "
+                f"(e.g. {images[todo[0]]}): add a 'mask' column or give a segmenter and a mask cache folder"
+            )
+        for start in tqdm(range(0, len(todo), chunk), desc="segment lungs", unit="chunk", disable=not progress):
+            idx = todo[start : start + chunk]
+            decoded = decode_images([images[i] for i in idx], num_workers)
+            results = segmenter.predict(decoded)
+            mask_cache.put_many([(images[i], np.asarray(r.mask), list(r.qc_flags)) for i, r in zip(idx, results)])
+            for i, r in zip(idx, results):
+                mask_paths[i], seg_qc[i] = str(mask_cache.cached_path(images[i])), list(r.qc_flags)
+
+    cache = torch.empty((len(rows_all), 1, cache_size, cache_size), dtype=torch.uint8)
+    qc_all: list[list[str]] = [list(f) for f in seg_qc]
+    loader = DataLoader(
+        _PrepareDataset(images, mask_paths, seg_mode, cache_size),
+        batch_size=16,
+        num_workers=max(0, num_workers),
+        collate_fn=_as_list,
+    )
+    with tqdm(total=len(images), desc="cache images", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            for i, tensor, flags in batch:
+                cache[i] = tensor
+                qc_all[i] += [f for f in flags if f not in qc_all[i]]
+            bar.update(len(batch))
     return cache, qc_all
 
 
@@ -593,15 +644,18 @@ def train_classifier(
         cfg.warmup_epochs, class_weights, channels_last=use_cuda,
     )
     monitor, mode = VAL_METRICS[cfg.val_metric]
+    # Best: weights only (a third of a full checkpoint, written often early on); last: full state for --resume.
     ckpt_cb = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=monitor, mode=mode,
-                              save_top_k=1, save_last=True, auto_insert_metric_name=False)
+                              save_top_k=1, save_weights_only=True, auto_insert_metric_name=False)
+    last_cb = ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True)
     timer = EpochTimer()
-    callbacks: list[L.Callback] = [ckpt_cb, timer, LearningRateMonitor(logging_interval="epoch")]
+    callbacks: list[L.Callback] = [ckpt_cb, last_cb, timer, LearningRateMonitor(logging_interval="epoch")]
     if cfg.patience > 0:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience))
     precision = _resolve_precision(str(cfg.precision), cfg.accelerator)
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
+        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
@@ -616,11 +670,19 @@ def train_classifier(
         log_every_n_steps=max(1, min(10, len(train_dl))),
         benchmark=use_cuda,
     )
+    history = out / "logs" / "version_0" / "metrics.csv"
+    backup = history.with_name("metrics.before_resume.csv")
+    if resume and history.is_file() and _is_global_zero():
+        shutil.copy2(history, backup)  # Lightning's CSV logger deletes metrics.csv when it starts
     t0 = time.perf_counter()
     trainer.fit(module, train_dl, val_dl, ckpt_path=out / "checkpoints" / "last.ckpt" if resume else None)
     fit_seconds = time.perf_counter() - t0
     if not trainer.is_global_zero:
         return out
+    if backup.is_file():
+        parts = [pd.read_csv(backup)] + ([pd.read_csv(history)] if history.is_file() else [])
+        pd.concat(parts, ignore_index=True).to_csv(history, index=False)
+        backup.unlink()
 
     best_path = ckpt_cb.best_model_path or str(out / "checkpoints" / "last.ckpt")
     if Path(best_path).is_file():
@@ -654,7 +716,7 @@ def train_classifier(
         rows["qc_flags"] = [";".join(qc[i]) for i in idx[name]]
         return rows
 
-    from covidcxr.evaluate import choose_threshold, evaluate_predictions
+    from covidcxr.evaluate import choose_threshold
 
     val_pred = predict_split("val")
     threshold = choose_threshold(val_pred["y"].to_numpy(), val_pred["prob"].to_numpy(), cfg.threshold_method,
@@ -663,7 +725,6 @@ def train_classifier(
     log.info("validation ROC AUC %.4f; threshold %.4f (%s)", val_auc, threshold, cfg.threshold_method)
     val_pred["pred_label"] = np.where(val_pred["prob"] >= threshold, LABELS[1], LABELS[0])
 
-    history = out / "logs" / "version_0" / "metrics.csv"
     timing = timer.summary()
     summary: dict[str, Any] = {
         "data": _data_summary(df),
@@ -690,13 +751,38 @@ def train_classifier(
         test_pred["pred_label"] = np.where(test_pred["prob"] >= threshold, LABELS[1], LABELS[0])
         test_pred.to_csv(out / "test_predictions.csv", index=False)
         if np.unique(test_pred["y"]).size == 2:
-            result = evaluate_predictions(test_pred, threshold, out / "test_eval", n_boot=cfg.n_boot, seed=cfg.seed,
-                                          title=f"{cfg.arch} seg={cfg.seg_mode} test split")
+            result = _evaluate_test(test_pred, threshold, out / "test_eval", cfg)
             summary["test_metrics"] = str(Path("test_eval") / "metrics.json")
             summary["test_roc_auc"] = result["overall"]["roc_auc"]["value"]
     summary["total_seconds"] = time.perf_counter() - t_start
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return out
+
+
+def _evaluate_test(pred: pd.DataFrame, threshold: float, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Test metrics at the validation threshold; plots and reports need matplotlib, metrics.json does not."""
+    from covidcxr.evaluate import evaluate_predictions
+
+    title = f"{cfg.arch} seg={cfg.seg_mode} test split"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib not installed: writing %s without plots or reports", out_dir / "metrics.json")
+        result = evaluate_predictions(pred, threshold, None, n_boot=cfg.n_boot, seed=cfg.seed, title=title)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(_nan_to_none(result), indent=2, default=str) + "\n")
+        return result
+    return evaluate_predictions(pred, threshold, out_dir, n_boot=cfg.n_boot, seed=cfg.seed, title=title)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not math.isfinite(obj):
+        return None
+    return obj.item() if isinstance(obj, np.generic) else obj
 
 
 def _best_epoch(history: Path, monitor: str, mode: str) -> int | None:

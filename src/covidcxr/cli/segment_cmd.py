@@ -1,4 +1,4 @@
-"""``covidcxr segment``: train the lung U-Net, predict lung masks, evaluate Dice against reference masks."""
+"""``covidcxr segment``: train the lung U-Net, install its weights, predict lung masks, evaluate Dice."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``segment`` command group (train, predict, evaluate).
+    """Add the ``segment`` command group (train, install, predict, evaluate).
 
     Args:
         subparsers: The object returned by ``ArgumentParser.add_subparsers``.
     """
-    seg = subparsers.add_parser("segment", help="lung segmentation: train, predict, evaluate")
+    seg = subparsers.add_parser("segment", help="lung segmentation: train, install, predict, evaluate")
     sub = seg.add_subparsers(title="segment commands", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train the lung U-Net on image/mask pairs (Lightning)")
@@ -23,7 +23,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (checkpoints, logs, exported weights)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=32, help="batch size per device (default 32)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (warm-up, then cosine decay)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--input-size", type=int, default=256, help="model input side in pixels (default 256)")
     p.add_argument("--channels", default=None, help="U-Net channels per level, e.g. 16,32,64,128,256 (default)")
@@ -51,6 +51,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("install", help="copy exported lung_unet.safetensors + .json into the package")
+    p.add_argument("folder", type=Path, help="folder holding lung_unet.safetensors and lung_unet.json (a train --out)")
+    p.set_defaults(func=_cmd_install)
 
     p = sub.add_parser("evaluate", help="Dice per mask source against a manifest's reference masks")
     p.add_argument("--manifest", type=Path, required=True, help="CSV with image and mask columns")
@@ -115,6 +119,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _cmd_install(args: argparse.Namespace) -> int:
+    from covidcxr.segment import install_weights
+
+    print(f"installed: {install_weights(args.folder)}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -122,7 +133,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from covidcxr.segment import LungSegmenter, dice_table, evaluate_masks
     from covidcxr.segment_train import read_seg_manifest, select_split
 
-    df = read_seg_manifest(args.manifest)
+    df = read_seg_manifest(args.manifest, require_mask=False)
     if args.split_csv is not None:
         df = select_split(df, args.split_csv, args.split)
     segmenter = LungSegmenter.load(args.weights, precision=args.precision)

@@ -7,13 +7,17 @@ Endpoints:
 * ``GET /api/v1/cases/{case_id}/thumbnail``: PNG thumbnail of an indexed case (looked up by id, never a path).
 * ``GET /healthz``; OpenAPI docs at ``/docs``.
 
-The model and index are loaded once by :func:`create_app`; the CPU-bound analysis runs in the thread pool so the
-event loop keeps serving (health checks, thumbnails, the page) while a request is being analysed.
+The model and index are loaded once by :func:`create_app`; the CPU-bound analysis runs in the service's analysis
+thread pool, so the event loop keeps serving (health checks, thumbnails, the page, other uploads) while requests
+are being analysed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -112,7 +116,13 @@ def build_app(service: CaseService) -> FastAPI:
     # DICOMs with patient data) in memory only. The body limit above bounds that memory per request.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, body_limit)
 
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="covidcxr",
         version=__version__,
         description="COVID-19 probability, lung segmentation QC, Grad-CAM and similar cases for one frontal chest "
@@ -167,7 +177,7 @@ def build_app(service: CaseService) -> FastAPI:
         data = await file.read()
         await file.close()
         try:
-            result = await run_in_threadpool(service.analyze_bytes, data)
+            result = await asyncio.get_running_loop().run_in_executor(service.executor, service.analyze_bytes, data)
         except ImageTooLargeError as exc:
             return error(413, str(exc))
         except UnsupportedImageError as exc:

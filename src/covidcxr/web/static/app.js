@@ -134,7 +134,7 @@
     show($("qc-ok"), (res.qc_flags || []).length === 0);
     show($("findings-empty"), false);
     show($("findings"), true);
-    $("model-version").textContent = "model " + res.model.version;
+    if (!$("model-version").textContent) $("model-version").textContent = "model " + res.model.version;
 
     renderCases(res.similar_cases || []);
   }

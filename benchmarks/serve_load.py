@@ -1,0 +1,289 @@
+"""Load benchmark of ``covidcxr serve``: latency, errors and memory under concurrent uploads.
+
+It starts the server as a subprocess on a free loopback port, waits for ``/healthz``, sends a few warm-up requests,
+then ``--requests`` uploads of one synthetic chest X-ray at ``--concurrency`` (httpx), and reports the latency
+percentiles, throughput, the error count (must be 0) and the server's resident memory (VmRSS from /proc) after the
+warm-up, at its peak during the run and at the end (steady state). Results go to ``benchmarks/results/serve.json``
+and ``serve.md``.
+
+Without ``--model``/``--index`` it builds a toy model and index under a temporary folder (random ResNet-18 at
+``--input-size``, tiny lung U-Net, ``--cases`` synthetic cases): the service does all the real work (decode,
+segment, classify, Grad-CAM, search, PNG encoding), only the weights are meaningless.
+
+Usage::
+
+    python benchmarks/serve_load.py                               # toy model, 200 requests at concurrency 8
+    python benchmarks/serve_load.py --model out/model --index out/index --requests 500 --image some.dcm
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=None, help="model artifact (default: build a toy one)")
+    p.add_argument("--index", type=Path, default=None, help="case index (default: build a toy one)")
+    p.add_argument("--image", type=Path, default=None, help="file to upload (default: synthetic PNG)")
+    p.add_argument("--image-size", type=int, default=1024, help="side of the synthetic upload (default 1024)")
+    p.add_argument("--input-size", type=int, default=224, help="toy model input size (default 224)")
+    p.add_argument("--cases", type=int, default=200, help="toy index size (default 200)")
+    p.add_argument("--requests", type=int, default=200, help="measured requests (default 200)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    p.add_argument("--warmup", type=int, default=4, help="unmeasured requests first (default 4)")
+    p.add_argument("-k", type=int, default=8, help="similar cases per request (default 8)")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    p.add_argument("--out", type=Path, default=RESULTS / "serve.json", help="JSON result (a .md is written too)")
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB (VmRSS from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's RSS every ``interval`` seconds until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.samples: list[float] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                self.samples.append(rss_mb(self.pid))
+            except OSError:
+                return
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> list[float]:
+        self._stop_event.set()
+        self.join()
+        return self.samples
+
+
+def build_toy(root: Path, args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
+    from covidcxr.web.toy import make_toy_assets
+
+    t0 = time.perf_counter()
+    toy = make_toy_assets(root, input_size=args.input_size, n_cases=args.cases, image_size=256, seg_mode="mask")
+    info = {"kind": "toy (random weights)", "arch": "resnet18", "input_size": args.input_size,
+            "index_cases": args.cases, "build_seconds": round(time.perf_counter() - t0, 1)}
+    return toy.model_dir, toy.index_dir, info
+
+
+def make_upload(root: Path, args: argparse.Namespace) -> tuple[bytes, str]:
+    if args.image is not None:
+        return args.image.read_bytes(), args.image.name
+    from covidcxr.io import save_png
+    from covidcxr.synth import draw_cxr
+
+    image, _, _ = draw_cxr(np.random.default_rng(0), "covid", size=args.image_size)
+    path = save_png(root / "upload.png", image)
+    return path.read_bytes(), "upload.png"
+
+
+def start_server(model: Path, index: Path, port: int, k: int, log_path: Path) -> subprocess.Popen:
+    code = ("import sys; from covidcxr.cli import main; "
+            f"sys.exit(main(['serve', '--model', {str(model)!r}, '--index', {str(index)!r}, "
+            f"'--host', '127.0.0.1', '--port', '{port}', '-k', '{k}', '--device', 'cpu']))")
+    log = open(log_path, "w")  # noqa: SIM115 - the server keeps writing after this function returns
+    return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> dict[str, Any]:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before becoming ready")
+        try:
+            r = httpx.get(url + "/healthz", timeout=2.0)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server not ready after {timeout:.0f} s")
+
+
+async def run_load(url: str, data: bytes, name: str, n: int, concurrency: int, timeout: float) -> dict[str, Any]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    errors: list[str] = []
+    server_ms: list[float] = []
+
+    async def one(client: httpx.AsyncClient) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(url + "/api/v1/analyze", files={"file": (name, data, "application/octet-stream")})
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            latencies.append(time.perf_counter() - t0)
+            if r.status_code != 200:
+                errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+            else:
+                server_ms.append(float(r.json()["timing_ms"]["total"]))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client) for _ in range(n)))
+        wall = time.perf_counter() - t0
+    return {"latencies": latencies, "errors": errors, "server_ms": server_ms, "wall": wall}
+
+
+def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.asarray(values) * scale
+    return {f"p{q}": round(float(np.percentile(arr, q)), 1) for q in (50, 90, 95, 99)} | {
+        "mean": round(float(arr.mean()), 1), "max": round(float(arr.max()), 1)}
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    lat, srv, mem = result["latency_ms"], result["server_time_ms"], result["server_rss_mb"]
+    lines = [
+        "# Serve load benchmark",
+        "",
+        (f"`{result['command']}` on {result['machine']['cpus']} CPU cores ({result['machine']['platform']}), "
+        f"{result['date']}; 1-min load average {result['machine']['loadavg_1min_before']} before, "
+        f"{result['machine']['loadavg_1min_after']} after."),
+        "",
+        (f"Model: {result['model']['kind']} {result['model'].get('arch', '')}, "
+        f"input {result['model'].get('input_size', '?')} px; index: {result['index_cases']} cases; "
+        f"upload: {result['upload']['name']} ({result['upload']['bytes'] / 1e6:.2f} MB); k = {result['k']}."),
+        "",
+        "| requests | concurrency | errors | throughput (req/s) | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (f"| {result['requests']} | {result['concurrency']} | {result['errors']} | {result['throughput_rps']} | "
+        f"{lat.get('p50')} | {lat.get('p95')} | {lat.get('p99')} | {lat.get('max')} |"),
+        "",
+        (f"Server-side time per request (decode to JSON, excluding queueing): p50 {srv.get('p50')} ms, "
+        f"p95 {srv.get('p95')} ms. Client latency includes waiting for a free worker: requests are analysed one "
+        "at a time under the model lock, so at concurrency c the latency is about c x the service time."),
+        "",
+        (f"Server memory (RSS): {mem['after_warmup']:.0f} MiB after warm-up, peak {mem['peak']:.0f} MiB during the "
+        f"run, {mem['end']:.0f} MiB at the end (steady state; growth over the run {mem['growth']:+.0f} MiB)."),
+        "",
+    ]
+    if result["error_samples"]:
+        lines += ["Errors (first few):", ""] + [f"- `{e}`" for e in result["error_samples"]] + [""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_before = round(os.getloadavg()[0], 2)  # other work on the machine inflates the latencies: record it
+    with tempfile.TemporaryDirectory(prefix="covidcxr-serve-load-") as tmp:
+        root = Path(tmp)
+        if (args.model is None) != (args.index is None):
+            raise SystemExit("give both --model and --index, or neither (a toy model and index are built)")
+        if args.model is None:
+            model, index, model_info = build_toy(root / "toy", args)
+        else:
+            model, index = args.model, args.index
+            cfg = json.loads((model / "config.json").read_text())
+            model_info = {"kind": cfg.get("kind", "classifier"), "arch": cfg.get("arch"),
+                          "input_size": cfg.get("input_size")}
+        data, name = make_upload(root, args)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(model, index, port, args.k, root / "server.log")
+        try:
+            t0 = time.perf_counter()
+            health = wait_ready(url, proc)
+            startup = time.perf_counter() - t0
+            rss_start = rss_mb(proc.pid)
+            warm = asyncio.run(run_load(url, data, name, args.warmup, 1, args.timeout))
+            if warm["errors"]:
+                raise RuntimeError(f"warm-up failed: {warm['errors'][:3]}")
+            rss_warm = rss_mb(proc.pid)
+            sampler = RssSampler(proc.pid)
+            sampler.start()
+            run = asyncio.run(run_load(url, data, name, args.requests, args.concurrency, args.timeout))
+            samples = sampler.stop()
+            time.sleep(1.0)
+            rss_end = rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        server_log = (root / "server.log").read_text()[-2000:]
+
+    result = {
+        "benchmark": "serve_load",
+        "command": " ".join(["python benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "loadavg_1min_before": load_before, "loadavg_1min_after": round(os.getloadavg()[0], 2)},
+        "model": model_info | {"version": health["model"]},
+        "index_cases": health["index_cases"],
+        "k": args.k,
+        "upload": {"name": name, "bytes": len(data)},
+        "server_startup_s": round(startup, 1),
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "errors": len(run["errors"]),
+        "error_samples": run["errors"][:5],
+        "wall_s": round(run["wall"], 2),
+        "throughput_rps": round(len(run["latencies"]) / run["wall"], 2) if run["wall"] > 0 else None,
+        "latency_ms": percentiles(run["latencies"]),
+        "server_time_ms": percentiles(run["server_ms"], scale=1.0),
+        "server_rss_mb": {
+            "start": round(rss_start, 1),
+            "after_warmup": round(rss_warm, 1),
+            "peak": round(max(samples, default=rss_end), 1),
+            "end": round(rss_end, 1),
+            "growth": round(rss_end - rss_warm, 1),
+        },
+    }
+    if run["errors"]:
+        result["server_log_tail"] = server_log
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, args.out.with_suffix(".md"))
+    print(json.dumps({k: result[k] for k in ("requests", "concurrency", "errors", "throughput_rps", "latency_ms",
+                                              "server_rss_mb")}, indent=2))
+    return 0 if not run["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

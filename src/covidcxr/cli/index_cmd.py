@@ -1,0 +1,213 @@
+"""``covidcxr index build | add | evaluate | info`` and ``covidcxr search``: similar-case search (thin CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from covidcxr.errors import ConfigError
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``index`` command group and the ``search`` command.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers``.
+    """
+    idx = subparsers.add_parser("index", help="similar-case index: build, add, evaluate, info")
+    sub = idx.add_subparsers(title="index commands", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("build", help="embed a manifest split with a model and save a case index")
+    p.add_argument("--model", type=Path, required=True, help="model (or ensemble) artifact folder")
+    p.add_argument("--manifest", type=Path, required=True, help="manifest CSV (a case_id column is used if present)")
+    p.add_argument("--out", type=Path, required=True, help="index folder to write")
+    p.add_argument("--split", default="train", help="rows of this split (default train; 'all' = every row)")
+    p.add_argument("--pca-dim", type=int, default=None, help="reduce embeddings to N dimensions (PCA on these rows)")
+    p.add_argument("--whiten", action="store_true", help="whiten the PCA output (needs --pca-dim)")
+    p.add_argument("--kind", default="auto", choices=("auto", "exact", "hnsw", "ivf"),
+                   help="FAISS index kind (default auto: exact up to 200k cases, HNSW above)")
+    p.add_argument("--thumbnails", action="store_true", help="write 128-px PNG thumbnails into OUT/thumbnails/")
+    p.add_argument("--force", action="store_true", help="replace an existing index at --out")
+    _add_embed_args(p)
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("add", help="embed a manifest and add its cases to an index (same model only)")
+    p.add_argument("--index", type=Path, required=True, help="index folder")
+    p.add_argument("--model", type=Path, required=True, help="the model the index was built with")
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--split", default="all", help="rows of this split (default all)")
+    p.add_argument("--skip-existing", action="store_true", help="skip cases already indexed instead of refusing")
+    p.add_argument("--thumbnails", action=argparse.BooleanOptionalAction, default=None,
+                   help="thumbnails for the new cases (default: when the index has thumbnails)")
+    _add_embed_args(p)
+    p.set_defaults(func=_cmd_add)
+
+    p = sub.add_parser("evaluate", help="retrieval quality: train split indexed, test split queried, leave-patient-out")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, required=True, help="manifest with a split column (else split by patient)")
+    p.add_argument("--out", type=Path, default=None, help="folder for retrieval.json and retrieval.md")
+    p.add_argument("-k", "--k", type=int, default=10, help="neighbours of the kNN vote and mAP cut-off (default 10)")
+    p.add_argument("--pca-dim", type=int, default=None)
+    p.add_argument("--n-boot", type=int, default=1000, help="patient-bootstrap replicates for AUC CIs (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_embed_args(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("info", help="print an index's header and label counts")
+    p.add_argument("index", type=Path)
+    p.set_defaults(func=_cmd_info)
+
+    p = subparsers.add_parser("search", help="find the most similar indexed cases of an image")
+    p.add_argument("image", type=Path, help="PNG/JPEG/TIFF/DICOM file")
+    p.add_argument("--index", type=Path, required=True, help="index folder")
+    p.add_argument("--model", type=Path, default=None, help="model artifact (default: the one recorded in the index)")
+    p.add_argument("-k", "--k", type=int, default=5, help="number of similar cases (default 5)")
+    p.add_argument("--exclude-patient", action="append", default=None, metavar="ID",
+                   help="skip this patient's cases (repeatable)")
+    p.add_argument("--sheet", type=Path, default=None, help="write a contact sheet PNG (query + neighbours)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_search)
+
+
+def _add_embed_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def _manifest_split(path: Path, split: str) -> Any:
+    from covidcxr.data import read_manifest
+    from covidcxr.embed import select_split
+
+    return select_split(read_manifest(path), split, path)
+
+
+def _summary(index: Any) -> str:
+    counts = index.metadata_["label"].value_counts().to_dict()
+    labels = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return (f"{len(index)} cases of {index.metadata_['patient_id'].nunique()} patients ({labels}); {index.kind_} "
+            f"index, {index.dim_}-d -> {index.index_dim_}-d; model {str(index.model_hash)[:12]}")
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from covidcxr.artifact import load_artifact
+    from covidcxr.embed import build_index
+
+    df = _manifest_split(args.manifest, args.split)
+    art = load_artifact(args.model, args.device)
+    index = build_index(art, df, args.out, pca_dim=args.pca_dim, whiten=args.whiten, kind=args.kind,
+                        thumbnails=args.thumbnails, force=args.force, batch_size=args.batch_size,
+                        num_workers=args.num_workers, progress=args.progress, skip_bad=args.skip_bad,
+                        info={"split": args.split})
+    console = _console()
+    console.print(f"index: {args.out}")
+    console.print(_summary(index))
+    skipped = index.build_info.get("n_skipped", 0)
+    if skipped:
+        console.print(f"skipped {skipped} unreadable image(s) (see the warnings above)")
+    return 0
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    from covidcxr.artifact import load_artifact
+    from covidcxr.embed import add_to_index
+
+    df = _manifest_split(args.manifest, args.split)
+    art = load_artifact(args.model, args.device)
+    index, n = add_to_index(args.index, art, df, thumbnails=args.thumbnails, skip_existing=args.skip_existing,
+                            batch_size=args.batch_size, num_workers=args.num_workers, progress=args.progress,
+                            skip_bad=args.skip_bad)
+    console = _console()
+    console.print(f"added {n} case(s) to {args.index}")
+    console.print(_summary(index))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from covidcxr.artifact import load_artifact
+    from covidcxr.data import read_manifest
+    from covidcxr.embed import evaluate_model_retrieval, json_safe, retrieval_markdown, retrieval_table
+
+    if args.out is not None and args.out.is_file():
+        raise ConfigError(f"{args.out}: --out must be a folder")
+    df = read_manifest(args.manifest)
+    art = load_artifact(args.model, args.device)
+    result = evaluate_model_retrieval(art, df, k=args.k, pca_dim=args.pca_dim, n_boot=args.n_boot, seed=args.seed,
+                                      batch_size=args.batch_size, num_workers=args.num_workers,
+                                      progress=args.progress, skip_bad=args.skip_bad)
+    result["manifest"] = str(args.manifest)
+    header, rows = retrieval_table(result)
+    table = Table(title=f"retrieval quality: {args.model.name} on {args.manifest.name} (train indexed, test queried, "
+                        "leave-patient-out)")
+    for col in header:
+        table.add_column(col, justify="left" if col == "subset" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = _console()
+    console.print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "retrieval.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
+        (args.out / "retrieval.md").write_text(retrieval_markdown(
+            result, intro=f"Model `{args.model}` ({art.weights_hash[:12]}), manifest `{args.manifest}`."))
+        console.print(f"wrote {args.out / 'retrieval.json'} and retrieval.md")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from covidcxr.index import CaseIndex
+
+    index = CaseIndex.load(args.index)
+    console = _console()
+    console.print(f"index: {args.index}")
+    console.print(_summary(index))
+    console.print_json(json.dumps(index.build_info, default=str))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from covidcxr.embed import contact_sheet, load_index_and_model, match_rows, search_image
+    from covidcxr.io import load_image
+
+    if args.k < 1:
+        raise ConfigError(f"-k must be >= 1, got {args.k}")
+    image, _ = load_image(args.image)
+    index, art = load_index_and_model(args.index, args.model, args.device)
+    matches, prob = search_image(art, index, image, k=args.k, exclude_patients=args.exclude_patient)
+    rows = match_rows(matches)
+    label = art.class_names[int(prob >= art.threshold)]
+    if args.sheet is not None:
+        contact_sheet(image, matches, args.sheet, index_dir=args.index,
+                      query_title=f"query (model: {label})\nP(covid) {prob:.3f}")
+    if args.json:
+        print(json.dumps({"image": str(args.image), "prob": prob, "label": label, "threshold": art.threshold,
+                          "matches": rows, "sheet": str(args.sheet) if args.sheet else None}, indent=2))
+        return 0
+    console = _console()
+    excluded = f"; excluding patient(s) {', '.join(args.exclude_patient)}" if args.exclude_patient else ""
+    table = Table(title=f"{args.image.name}: P(covid) {prob:.3f} -> {label} (threshold {art.threshold:.3f}){excluded}")
+    for col in ("rank", "similarity", "case", "patient", "label", "source", "view"):
+        table.add_column(col, justify="right" if col in ("rank", "similarity") else "left")
+    for r in rows:
+        table.add_row(str(r["rank"]), f"{r['similarity']:.4f}", r["case_id"], r["patient_id"], r["label"],
+                      str(r["source"] or ""), str(r["view"] or ""))
+    console.print(table)
+    if args.sheet is not None:
+        console.print(f"contact sheet: {args.sheet}")
+    return 0
