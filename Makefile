@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean-venv
+.PHONY: demo test install lint clean-venv browser
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/covidcxr demo --out demo_output
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The end-to-end page test drives Debian's Chromium (Playwright's own browser download cannot work offline).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver; \
+	  else \
+	    echo "note: /usr/bin/chromium is missing and apt-get needs root; the browser test will be skipped"; \
+	  fi; \
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -9,24 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr.artifact import save_artifact
-from covidcxr.augment import cache_size_for
 from covidcxr.cli import main
 from covidcxr.data import patient_split, read_manifest
-from covidcxr.models import IMAGENET_MEAN, IMAGENET_STD, create_classifier
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 SIZE = 32
-
-
-def _artifact(directory: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    config = {
-        "arch": "resnet18", "input_size": SIZE, "cache_size": cache_size_for(SIZE),
-        "normalization": {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "seg_mode": "none", "threshold": 0.5,
-    }
-    return save_artifact(directory, create_classifier("resnet18").eval(), config)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +22,8 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model_dir(root: Path) -> Path:
-    return _artifact(root / "model", seed=0)
+def model_dir(root: Path, make_tiny_artifact) -> Path:
+    return make_tiny_artifact(root / "model", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +93,7 @@ def test_search_exclude_patient(index_dir: Path, model_dir: Path, train_rows, ca
 
 
 def test_add_then_refuse_duplicates_and_other_model(model_dir: Path, manifest: Path, root: Path, train_rows,
-                                                     capsys) -> None:
+                                                     capsys, make_tiny_artifact) -> None:
     out = root / "grow"
     common = ["--model", str(model_dir), "--manifest", str(manifest), "--device", "cpu", "--no-progress"]
     assert main(["index", "build", *common, "--out", str(out)]) == 0
@@ -119,7 +106,7 @@ def test_add_then_refuse_duplicates_and_other_model(model_dir: Path, manifest: P
     assert main(["index", "add", "--index", str(out), *common, "--split", "test", "--skip-existing"]) == 0
     assert "added 0 case(s)" in capsys.readouterr().out
 
-    other = _artifact(root / "other", seed=1)
+    other = make_tiny_artifact(root / "other", seed=1)
     assert main(["index", "add", "--index", str(out), "--model", str(other), "--manifest", str(manifest),
                  "--split", "val", "--device", "cpu", "--no-progress"]) == 2
     assert "embedding model hash" in capsys.readouterr().err

@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr.artifact import load_artifact, save_artifact
-from covidcxr.augment import cache_size_for
+from covidcxr.artifact import load_artifact
 from covidcxr.data import patient_split, read_manifest
 from covidcxr.embed import (
     add_to_index,
@@ -30,25 +29,14 @@ from covidcxr.embed import (
 from covidcxr.errors import ConfigError, ImageReadError, IndexMismatchError
 from covidcxr.index import CaseIndex, Match
 from covidcxr.io import load_image
-from covidcxr.models import IMAGENET_MEAN, IMAGENET_STD, create_classifier
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 SIZE = 32
 
 
-def make_artifact(directory: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    config = {
-        "arch": "resnet18", "input_size": SIZE, "cache_size": cache_size_for(SIZE),
-        "normalization": {"name": "imagenet", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        "seg_mode": "none", "threshold": 0.5,
-    }
-    return save_artifact(directory, create_classifier("resnet18").eval(), config)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_artifact(tmp_path_factory.mktemp("embed") / "model", seed=0)
+def model_dir(tmp_path_factory, make_tiny_artifact) -> Path:
+    return make_tiny_artifact(tmp_path_factory.mktemp("embed") / "model", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +144,10 @@ def test_build_add_keeps_thumbnails_and_records_model(art, model_dir: Path, df: 
     assert add_to_index(out, art, test.head(2), progress=False, skip_existing=True)[1] == 0
 
 
-def test_add_refuses_another_model(art, df: pd.DataFrame, tmp_path: Path) -> None:
+def test_add_refuses_another_model(art, df: pd.DataFrame, tmp_path: Path, make_tiny_artifact) -> None:
     out = tmp_path / "index"
     build_index(art, select_split(df, "train").head(6), out, progress=False)
-    other = load_artifact(make_artifact(tmp_path / "other", seed=1), "cpu")
+    other = load_artifact(make_tiny_artifact(tmp_path / "other", seed=1), "cpu")
     with pytest.raises(IndexMismatchError, match="embedding model hash"):
         add_to_index(out, other, select_split(df, "test").head(2), progress=False)
 

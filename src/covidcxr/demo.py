@@ -28,8 +28,8 @@ class DemoSettings:
     n_patients: int = 200
     seed: int = 0
     image_size: int = 256
-    train_size: int = 96
-    epochs: int = 6
+    train_size: int = 128
+    epochs: int = 10
     arch: str = "resnet18"
     k: int = 5
     stages: tuple[str, ...] = ("data", "segment", "train", "index")
@@ -121,9 +121,41 @@ def _stage_segment(settings: DemoSettings, out: Path, manifest: Path, summary: d
 
 
 def _stage_train(settings: DemoSettings, out: Path, manifest: Path, summary: dict, report: Reporter) -> Path:
-    raise NotImplementedError  # wired when the classifier lands
+    from covidcxr.evaluate import format_metrics_table
+    from covidcxr.train import train_classifier
+
+    t = time.perf_counter()
+    model_dir = out / "model"
+    # Small input and few epochs keep the stage to a couple of minutes on 2 CPU cores; the lung crop uses the
+    # cohort's exact masks (the manifest's mask column), as a user's own masks would be used.
+    train_classifier(
+        manifest, model_dir, force=True, arch=settings.arch, pretrained="none", seg_mode="crop",
+        image_size=settings.train_size, epochs=settings.epochs, batch_size=32, num_workers=0,
+        accelerator="cpu", seed=settings.seed, patience=0, n_boot=300, progress=True,
+    )
+    metrics_path = model_dir / "test_eval" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    overall = metrics["overall"]
+    summary["stages"]["train"] = {
+        "model_dir": str(model_dir), "report": str(model_dir / "test_eval" / "report.html"),
+        "threshold": metrics["threshold"],
+        "test": {k: overall[k]["value"] for k in ("roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity")},
+        "seconds": round(time.perf_counter() - t, 1),
+    }
+    report("Classifier test metrics (threshold chosen on validation; 95 % patient-bootstrap CIs)",
+           format_metrics_table(metrics))
+    return model_dir
 
 
 def _stage_index(settings: DemoSettings, out: Path, manifest: Path, model_dir: Path, summary: dict,
                  report: Reporter) -> None:
-    raise NotImplementedError  # wired when the index lands
+    from covidcxr.api import serve_command
+    from covidcxr.embed import run_index_demo
+
+    result = run_index_demo(model_dir, manifest, out / "search", k=settings.k, device="cpu", n_boot=200)
+    summary["stages"]["index"] = {k: result[k] for k in ("index_dir", "n_cases", "query", "sheet", "retrieval",
+                                                         "seconds") if k in result}
+    report("Similar-case search (query from the test split; its own patient excluded)", result)
+    command = serve_command(model_dir, result["index_dir"])
+    summary["serve_command"] = command
+    report("Open the radiologist's page", command)
