@@ -44,7 +44,7 @@ VARIANTS = {
     "d": {"name": "d_aug_crop", "seg_mode": "crop", "augment": True},
 }
 DEFAULT_MANIFEST = "/work/shared/data/cxr/manifest.csv"
-KEY_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "f1")
+KEY_METRICS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "accuracy", "ppv", "npv", "f1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,13 +18,13 @@ from covidcxr.explain import (
     Explanation,
     explain,
     heatmap_rgba,
-    lung_crop_box,
     lung_energy_fraction,
     member_heatmap,
     outline_rgba,
     overlay_heatmap,
 )
 from covidcxr.io import load_image, save_png
+from covidcxr.segment import lung_crop_box
 from covidcxr.synth import draw_cxr
 from covidcxr.web.toy import ToyAssets, make_toy_assets, toy_classifier
 

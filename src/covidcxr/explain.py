@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from covidcxr.errors import ConfigError
+from covidcxr.segment import lung_crop_box
 
 log = logging.getLogger(__name__)
 
@@ -314,31 +315,3 @@ def _to_image_geometry(grid: np.ndarray, image: np.ndarray, mask: np.ndarray | N
     y1, x1 = min(top + bh, h), min(left + bw, w)
     out[y0:y1, x0:x1] = box[y0 - top : y1 - top, x0 - left : x1 - left]
     return np.clip(out, 0.0, 1.0)
-
-
-def lung_crop_box(lung: np.ndarray, shape: tuple[int, int], margin: float = 0.1) -> tuple[int, int, int, int]:
-    """The box ``segment.apply_seg_mode(..., 'crop')`` cuts around the lungs (it may reach outside the image).
-
-    Mirrors the box of :func:`covidcxr.segment.apply_seg_mode` with the default margin and the output at the
-    image's own size, as the classifier preprocessing calls it; a test checks that both agree.
-
-    Args:
-        lung: Boolean lung mask with at least one lung pixel.
-        shape: ``(height, width)`` the crop is resized to (its aspect is kept by the box).
-        margin: Margin as a fraction of the lung box's larger side.
-
-    Returns:
-        ``(top, left, height, width)`` in image pixels.
-    """
-    rows, cols = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    pad = margin * max(y1 - y0, x1 - x0)
-    height, width = (y1 - y0) + 2 * pad, (x1 - x0) + 2 * pad
-    aspect = shape[1] / shape[0]
-    if width / height < aspect:
-        width = height * aspect
-    else:
-        height = width / aspect
-    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-    top, left = round(float(cy - height / 2)), round(float(cx - width / 2))
-    return top, left, max(1, round(float(height))), max(1, round(float(width)))

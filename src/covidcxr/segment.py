@@ -503,19 +503,33 @@ def apply_seg_mode(
     return resize_image(image, shape).numpy()
 
 
-def _crop_to_lungs(image: np.ndarray, lung: np.ndarray, shape: tuple[int, int], margin: float) -> np.ndarray:
+def lung_crop_box(lung: np.ndarray, shape: tuple[int, int], margin: float = 0.1) -> tuple[int, int, int, int]:
+    """The square-ish box the ``crop`` mode cuts around both lungs (it may reach outside the image).
+
+    Args:
+        lung: Boolean lung mask with at least one lung pixel.
+        shape: ``(height, width)`` the crop is resized to; the box takes this aspect so nothing is stretched.
+        margin: Margin as a fraction of the lung box's larger side.
+
+    Returns:
+        ``(top, left, height, width)`` in image pixels.
+    """
     rows, cols = np.flatnonzero(lung.any(axis=1)), np.flatnonzero(lung.any(axis=0))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     pad = margin * max(y1 - y0, x1 - x0)
     height, width = (y1 - y0) + 2 * pad, (x1 - x0) + 2 * pad
-    aspect = shape[1] / shape[0]  # width / height of the output: the box takes this aspect, so nothing is stretched
+    aspect = shape[1] / shape[0]
     if width / height < aspect:
         width = height * aspect
     else:
         height = width / aspect
     cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-    top, left = round(cy - height / 2), round(cx - width / 2)
-    h, w = max(1, round(height)), max(1, round(width))
+    top, left = round(float(cy - height / 2)), round(float(cx - width / 2))
+    return top, left, max(1, round(float(height))), max(1, round(float(width)))
+
+
+def _crop_to_lungs(image: np.ndarray, lung: np.ndarray, shape: tuple[int, int], margin: float) -> np.ndarray:
+    top, left, h, w = lung_crop_box(lung, shape, margin)
     # Parts of the box outside the image are zero (the X-ray background), not clipped, so the box keeps its aspect.
     out = np.zeros((h, w), np.float32)
     sy0, sx0 = max(top, 0), max(left, 0)
