@@ -67,6 +67,7 @@ def make_toy_assets(
     image_size: int = 96,
     seg_mode: str = "mask",
     seed: int = 0,
+    shipped_segmenter: bool = True,
 ) -> ToyAssets:
     """Write a toy model artifact (with its own tiny lung U-Net), a case index and synthetic images.
 
@@ -78,6 +79,8 @@ def make_toy_assets(
         image_size: Side of the synthetic X-rays.
         seg_mode: Segmentation mode stored in the artifact (``none``, ``mask`` or ``crop``).
         seed: Seed of the networks' initialisation and of the synthetic images.
+        shipped_segmenter: Use the package's trained lung U-Net when it ships (realistic masks and QC); else, or
+            when it is absent, a tiny untrained U-Net.
 
     Returns:
         The :class:`ToyAssets` paths.
@@ -89,14 +92,17 @@ def make_toy_assets(
     from covidcxr.index import CaseIndex
     from covidcxr.io import save_png
     from covidcxr.models import build_unet
-    from covidcxr.segment import save_unet
+    from covidcxr.segment import default_weights_path, save_unet, shipped_weights_available
     from covidcxr.synth import draw_cxr
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     unet_cfg = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "input_size": 64}
-    seg_weights = save_unet(build_unet(unet_cfg), unet_cfg, out / "segmenter")
+    if shipped_segmenter and shipped_weights_available():
+        seg_weights = default_weights_path()
+    else:
+        seg_weights = save_unet(build_unet(unet_cfg), unet_cfg, out / "segmenter")
 
     rng = np.random.default_rng(seed)
     images, rows, arrays = [], [], []
