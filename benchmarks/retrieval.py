@@ -1,4 +1,4 @@
-"""Benchmark: similar-case retrieval quality (covidcxr.embed.evaluate_retrieval) on the development data.
+"""Benchmark: similar-case retrieval quality (covidcxr.search.evaluate_retrieval) on the development data.
 
 The train split is indexed, the test split is queried, leave-patient-out (the query's own patient is excluded).
 Reported: precision@1/5/10 and mAP@10 of label agreement (with the chance level of a retriever that ignores the
@@ -123,8 +123,8 @@ def embed_here(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFrame, dict
 def search_latency(train_emb: np.ndarray, train_meta: pd.DataFrame, queries: np.ndarray, pca_dim: int | None,
                    k: int) -> dict[str, float]:
     """p50/p99 single-query latency (ms) of an exact index with one FAISS thread."""
-    from covidcxr.embed import faiss_threads
     from covidcxr.index import CaseIndex
+    from covidcxr.search import faiss_threads
 
     meta = pd.DataFrame({"case_id": [f"c{i}" for i in range(len(train_meta))],
                          "patient_id": train_meta["patient_id"].astype(str), "label": train_meta["label"].astype(str)})
@@ -160,7 +160,7 @@ def _fmt(v: Any) -> str:
 
 def write_reports(report: dict[str, Any], results_dir: Path) -> None:
     """retrieval.json and retrieval.md."""
-    from covidcxr.embed import json_safe, retrieval_markdown
+    from covidcxr.search import json_safe, retrieval_markdown
 
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "retrieval.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("covidcxr.evaluate").setLevel(logging.WARNING)  # per-metric bootstrap notes are noise here
-    from covidcxr.embed import evaluate_retrieval
+    from covidcxr.search import evaluate_retrieval
 
     if args.embeddings is not None:
         emb, meta, info = load_npz(args.embeddings)

@@ -13,22 +13,20 @@ import torch
 
 from covidcxr.artifact import load_artifact
 from covidcxr.data import patient_split, read_manifest
-from covidcxr.embed import (
+from covidcxr.embed import case_metadata, embed_manifest, select_split
+from covidcxr.errors import ConfigError, ImageReadError, IndexMismatchError
+from covidcxr.index import CaseIndex, Match
+from covidcxr.io import load_image
+from covidcxr.search import (
     add_to_index,
     both_label_mask,
     build_index,
-    case_metadata,
     contact_sheet,
-    embed_manifest,
     evaluate_model_retrieval,
     evaluate_retrieval,
     run_index_demo,
     search_image,
-    select_split,
 )
-from covidcxr.errors import ConfigError, ImageReadError, IndexMismatchError
-from covidcxr.index import CaseIndex, Match
-from covidcxr.io import load_image
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 SIZE = 32

@@ -843,6 +843,18 @@ def load_masks_for_rows(
 
 
 def decode_images(paths: Sequence[str], num_workers: int) -> list[np.ndarray]:
+    """Read images with :func:`covidcxr.io.load_image`, in a thread pool when ``num_workers > 1``.
+
+    Args:
+        paths: Image files.
+        num_workers: Decoding threads (``<= 1`` reads in the calling thread).
+
+    Returns:
+        float32 ``H x W`` arrays in [0, 1], in the order of ``paths``.
+
+    Raises:
+        ImageError: A file cannot be read (the first failure in order).
+    """
     from covidcxr.io import load_image
 
     if num_workers <= 1 or len(paths) <= 1:

@@ -154,7 +154,7 @@ def _stage_train(settings: DemoSettings, out: Path, manifest: Path, summary: dic
 def _stage_index(settings: DemoSettings, out: Path, manifest: Path, model_dir: Path, summary: dict,
                  report: Reporter) -> None:
     from covidcxr.api import serve_command
-    from covidcxr.embed import run_index_demo
+    from covidcxr.search import run_index_demo
 
     result = run_index_demo(model_dir, manifest, out / "search", k=settings.k, device="cpu", n_boot=200)
     summary["stages"]["index"] = {k: result[k] for k in ("index_dir", "n_cases", "query", "sheet", "retrieval",

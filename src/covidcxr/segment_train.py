@@ -242,6 +242,7 @@ class LungSegData(L.LightningDataModule):
         self.val_set: CachedPairs | None = None
 
     def setup(self, stage: str | None = None) -> None:
+        """Decode, resize and cache the train and val pairs once (later calls do nothing)."""
         if self.train_set is not None:
             return
         t0 = time.perf_counter()
@@ -270,9 +271,11 @@ class LungSegData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training batches of ``(image, mask, source index)``."""
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
+        """Validation batches of ``(image, mask, source index)`` in manifest order."""
         return self._loader(self.val_set, train=False)
 
 
@@ -315,6 +318,7 @@ class LungSegModule(L.LightningModule):
         self.bce = torch.nn.BCEWithLogitsLoss()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Lung logits of a ``(N, 1, H, W)`` batch in [0, 1] (normalised here)."""
         return self.model(normalise(x, self.config["normalisation"]))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -322,12 +326,14 @@ class LungSegModule(L.LightningModule):
         return soft_dice_loss(logits, target) + self.bce(logits.float(), target)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """Dice + BCE loss on one batch; logs ``train_loss``."""
         image, mask, _ = batch
         loss = self.loss(self(image), mask)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(image))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """Logs ``val_loss``, ``val_dice`` and ``val_dice_<source>`` for one batch."""
         image, mask, source = batch
         logits = self(image)
         n = len(image)
@@ -340,6 +346,7 @@ class LungSegModule(L.LightningModule):
                 self.log(f"val_dice_{name}", dice[sel].mean(), batch_size=int(sel.sum()), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with per-step linear warm-up then cosine decay."""
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, total // 20)

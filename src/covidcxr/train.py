@@ -296,11 +296,13 @@ class EpochTimer(L.Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start the epoch's clock (after pending GPU work)."""
         self._sync(pl_module)
         self._t0, self._n = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Count the batch's images; at the epoch's last batch record ``(images, seconds)``."""
         self._n += len(batch[1])
         if batch_idx == trainer.num_training_batches - 1:
             self._sync(pl_module)

@@ -140,11 +140,13 @@ class RandomGamma(v2.Transform):
         self.p = float(p)
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw one gamma (1.0 when not applied) for all inputs of the sample."""
         lo, hi = np.log(self.gamma[0]), np.log(self.gamma[1])
         apply = bool(torch.rand(()) < self.p)
         return {"gamma": float(np.exp(lo + (hi - lo) * float(torch.rand(())))) if apply else 1.0}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Apply the drawn gamma to an image."""
         if params["gamma"] == 1.0:
             return inpt
         return TF.adjust_gamma(inpt, params["gamma"])

@@ -103,7 +103,7 @@ def _summary(index: Any) -> str:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from covidcxr.artifact import load_artifact
-    from covidcxr.embed import build_index
+    from covidcxr.search import build_index
 
     df = _manifest_split(args.manifest, args.split)
     art = load_artifact(args.model, args.device)
@@ -122,7 +122,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _cmd_add(args: argparse.Namespace) -> int:
     from covidcxr.artifact import load_artifact
-    from covidcxr.embed import add_to_index
+    from covidcxr.search import add_to_index
 
     df = _manifest_split(args.manifest, args.split)
     art = load_artifact(args.model, args.device)
@@ -140,7 +140,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from covidcxr.artifact import load_artifact
     from covidcxr.data import read_manifest
-    from covidcxr.embed import evaluate_model_retrieval, json_safe, retrieval_markdown, retrieval_table
+    from covidcxr.search import evaluate_model_retrieval, json_safe, retrieval_markdown, retrieval_table
 
     if args.out is not None and args.out.is_file():
         raise ConfigError(f"{args.out}: --out must be a folder")
@@ -182,8 +182,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from covidcxr.embed import contact_sheet, load_index_and_model, match_rows, search_image
     from covidcxr.io import load_image
+    from covidcxr.search import contact_sheet, load_index_and_model, match_rows, search_image
 
     if args.k < 1:
         raise ConfigError(f"-k must be >= 1, got {args.k}")

@@ -33,8 +33,9 @@ def toy_classifier(arch: str, images: list[np.ndarray], input_size: int = 64, se
 
     from covidcxr.models import create_classifier
 
-    torch.manual_seed(seed)
-    model = create_classifier(arch, "none", mean=[0.5], std=[0.25]).eval()
+    with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's global RNG
+        torch.manual_seed(seed)
+        model = create_classifier(arch, "none", mean=[0.5], std=[0.25]).eval()
     x = torch.stack([torch.from_numpy(np.asarray(im, np.float32))[None] for im in images])
     x = torch.nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
     with torch.no_grad():
@@ -97,12 +98,14 @@ def make_toy_assets(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     unet_cfg = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "input_size": 64}
     if shipped_segmenter and shipped_weights_available():
         seg_weights = default_weights_path()
     else:
-        seg_weights = save_unet(build_unet(unet_cfg), unet_cfg, out / "segmenter")
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's global RNG
+            torch.manual_seed(seed)
+            unet = build_unet(unet_cfg)
+        seg_weights = save_unet(unet, unet_cfg, out / "segmenter")
 
     rng = np.random.default_rng(seed)
     images, rows, arrays = [], [], []
