@@ -13,9 +13,8 @@ from covidcxr.errors import CxrError
 
 log = logging.getLogger("covidcxr")
 
-# Each module defines ``register(subparsers)`` adding its sub-commands with ``set_defaults(func=...)``.
-# They are imported lazily by name so that ``covidcxr --help`` stays fast and a missing optional part
-# cannot break the whole CLI.
+# Each module defines ``register(subparsers)`` adding its sub-commands with ``set_defaults(func=...)``; the
+# modules import their heavy dependencies inside the command functions so ``covidcxr --help`` stays fast.
 _COMMAND_MODULES = (
     "covidcxr.cli.data_cmd",
     "covidcxr.cli.segment_cmd",
@@ -40,13 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # that part of the CLI is not built yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
