@@ -18,10 +18,10 @@ from covidcxr.artifact import (
     load_artifact,
     prepare_image,
     save_artifact,
-    sha256_file,
 )
 from covidcxr.augment import build_eval_transform, cache_size_for
 from covidcxr.errors import ConfigError, ModelError
+from covidcxr.io import file_sha256
 from covidcxr.models import IMAGENET_MEAN, IMAGENET_STD, create_classifier
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
@@ -76,7 +76,7 @@ def test_round_trip_gives_identical_probabilities(art_dir: Path) -> None:
 def test_config_records_provenance(art_dir: Path) -> None:
     cfg = json.loads((art_dir / "config.json").read_text())
     art = load_artifact(art_dir, "cpu")
-    assert art.weights_hash == cfg["weights_sha256"] == sha256_file(art_dir / "model.safetensors")
+    assert art.weights_hash == cfg["weights_sha256"] == file_sha256(art_dir / "model.safetensors")
     assert cfg["class_names"] == ["non_covid", "covid"]
     assert cfg["num_features"] == 512 and cfg["package_version"]
     assert cfg["segmenter"] is None
@@ -265,7 +265,7 @@ def test_seg_artifact_is_self_contained(tmp_path: Path, tiny_segmenter: Path, mo
     model = create_classifier("resnet18").eval()
     d = save_artifact(tmp_path / "seg", model, _config(seg_mode=mode), segmenter_weights=tiny_segmenter)
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["segmenter"]["sha256"] == sha256_file(tiny_segmenter)
+    assert cfg["segmenter"]["sha256"] == file_sha256(tiny_segmenter)
     assert (d / cfg["segmenter"]["weights"]).is_file() and (d / "segmenter" / "lung_unet.json").is_file()
     tiny_segmenter.rename(tiny_segmenter.with_suffix(".moved"))  # the artifact must not need the original
     try:

@@ -33,6 +33,7 @@ import torch
 from covidcxr import __version__
 from covidcxr.augment import build_eval_transform, to_cache_image
 from covidcxr.errors import ConfigError, CxrError, ModelError
+from covidcxr.io import file_sha256
 from covidcxr.models import CxrClassifier, create_classifier
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,6 @@ CLASS_NAMES = ("non_covid", "covid")
 # Files that make up a classifier artifact (a training run directory holds more: checkpoints, logs, masks).
 ARTIFACT_ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, VAL_PREDICTIONS_FILE, SEGMENTER_DIR)
 _REQUIRED_KEYS = ("arch", "input_size", "cache_size", "normalization", "seg_mode", "threshold", "weights_sha256")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -232,7 +224,7 @@ def save_artifact(
         num_features=model.num_features,
         class_names=list(cfg.get("class_names", CLASS_NAMES)),
         weights_file=WEIGHTS_FILE,
-        weights_sha256=sha256_file(weights),
+        weights_sha256=file_sha256(weights),
         package_version=__version__,
     )
     cfg.setdefault("cache_size", None)
@@ -247,7 +239,7 @@ def save_artifact(
         cfg["segmenter"] = {
             "weights": f"{SEGMENTER_DIR}/{files[0].name}",
             "files": [f"{SEGMENTER_DIR}/{f.name}" for f in files],
-            "sha256": sha256_file(files[0]),
+            "sha256": file_sha256(files[0]),
         }
     else:
         cfg["segmenter"] = None
@@ -669,7 +661,7 @@ def _load_classifier(directory: Path, config: dict[str, Any], device: torch.devi
     weights = directory / config.get("weights_file", WEIGHTS_FILE)
     if not weights.is_file():
         raise ModelError(f"{weights}: weights file missing")
-    if verify and sha256_file(weights) != config["weights_sha256"]:
+    if verify and file_sha256(weights) != config["weights_sha256"]:
         raise ModelError(f"{weights}: weights file is corrupt or was replaced (SHA-256 differs from config.json)")
     try:
         state = load_file(str(weights))
@@ -1001,7 +993,7 @@ def build_ensemble(
         if cfg.get("kind", "classifier") != "classifier":
             raise ModelError(f"{Path(d) / CONFIG_FILE}: nested ensembles are not supported")
         weights_file = Path(d) / cfg.get("weights_file", WEIGHTS_FILE)
-        if not weights_file.is_file() or sha256_file(weights_file) != cfg.get("weights_sha256"):
+        if not weights_file.is_file() or file_sha256(weights_file) != cfg.get("weights_sha256"):
             raise ModelError(f"{weights_file}: weights file missing or corrupt (SHA-256 differs from config.json)")
         configs.append(cfg)
     if weighted:

@@ -19,6 +19,7 @@ Images over :data:`MAX_PIXELS` are refused from their header, before the pixels 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -474,3 +475,20 @@ def _quantise(arr: np.ndarray, bits: int, what: str) -> np.ndarray:
             raise ConfigError(f"{what}: integer values must be in [0, {top}] for {bits} bits")
         return arr.astype(np.int64)
     raise ConfigError(f"{what}: unsupported dtype {arr.dtype}")
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file, read in chunks (the identity of weights files in configs and indexes).
+
+    Args:
+        path: File to hash.
+        chunk: Bytes read at a time.
+
+    Returns:
+        The 64-character hex digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

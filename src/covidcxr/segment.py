@@ -11,7 +11,6 @@ implausible mask (blank or non-chest image, one lung missing, ...) is never used
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch
 from scipy import ndimage as ndi
 
 from covidcxr.errors import ConfigError, CxrError, ModelError, PretrainedWeightsError
+from covidcxr.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +197,6 @@ def default_weights_path() -> Path:
 def shipped_weights_available() -> bool:
     """True when the package ships trained lung U-Net weights (and their config)."""
     return (WEIGHTS_DIR / WEIGHTS_NAME).is_file() and (WEIGHTS_DIR / CONFIG_NAME).is_file()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file (weights identity for outputs and indexes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_unet(

@@ -40,11 +40,11 @@ from covidcxr.artifact import (
     resolve_device,
     safe_auc,
     save_artifact,
-    sha256_file,
 )
 from covidcxr.augment import AugmentConfig, build_eval_transform, build_train_transform
 from covidcxr.data import LABELS
 from covidcxr.errors import ConfigError
+from covidcxr.io import file_sha256
 from covidcxr.models import NORMALIZATIONS, create_classifier, get_arch_spec
 
 log = logging.getLogger(__name__)
@@ -615,7 +615,7 @@ def train_classifier(
         seg_device = "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
         segmenter = LungSegmenter.load(seg_weights, device=seg_device, batch_size=32,
                                        precision="bf16" if cfg.bf16_inference and seg_device == "cuda" else "fp32")
-        mask_cache = MaskCache(cfg.mask_dir or out / "masks", sha256_file(seg_weights))
+        mask_cache = MaskCache(cfg.mask_dir or out / "masks", file_sha256(seg_weights))
     t0 = time.perf_counter()
     cache, qc = build_image_cache(df, cfg.seg_mode, cache_size, segmenter=segmenter, mask_cache=mask_cache,
                                   num_workers=cfg.num_workers, progress=cfg.progress)
