@@ -38,6 +38,7 @@ from typing import Any
 import faiss
 import numpy as np
 import sklearn
+from _machine import cpu_model  # benchmarks/_machine.py (the script's folder is on sys.path)
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 
@@ -233,16 +234,6 @@ def run_sklearn(x: np.ndarray, q: np.ndarray, truth: np.ndarray) -> dict[str, An
 
 
 # ---------------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def write_markdown(path: Path, result: dict[str, Any]) -> None:

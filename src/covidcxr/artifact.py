@@ -31,7 +31,9 @@ import pandas as pd
 import torch
 
 from covidcxr import __version__
-from covidcxr.augment import build_eval_transform, to_cache_image
+from covidcxr.augment import build_eval_transform, standardise_intensity, to_cache_image
+from covidcxr.calibration import apply_temperature
+from covidcxr.device import inference_bf16, prefer_channels_last, resolve_device  # resolve_device: re-export
 from covidcxr.errors import ConfigError, CxrError, ModelError
 from covidcxr.io import file_sha256
 from covidcxr.models import CxrClassifier, create_classifier
@@ -85,27 +87,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; anything else is passed to ``torch.device``.
-
-    Raises:
-        ConfigError: An unknown device string.
-    """
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {device!r}: {exc}") from exc
-
-
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast is used for inference on ``device`` (CUDA with bf16 support only).
+    """Whether bf16 autocast is used for inference on ``device``: only where bf16 is native (see :mod:`covidcxr.device`).
 
-    CPU bf16 autocast works but is slow on CPUs without native bf16 and changes results slightly, so CPU
-    inference stays float32 unless asked for explicitly.
+    On CPUs without native bf16 (AVX2-only) autocast is emulated and many times slower than float32.
     """
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return inference_bf16(device, "auto")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +101,12 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def prepare_image(
-    image: np.ndarray, mask: np.ndarray | None, seg_mode: str, cache_size: int, flags: list[str] | None = None
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    seg_mode: str,
+    cache_size: int,
+    flags: list[str] | None = None,
+    intensity: str = "none",
 ) -> torch.Tensor:
     """Apply the segmentation mode and make the cached uint8 square that training and inference both start from.
 
@@ -124,6 +116,7 @@ def prepare_image(
         seg_mode: ``none``, ``mask`` (zero outside the lungs) or ``crop`` (crop to the lung bounding box).
         cache_size: Side of the cached square (see :func:`covidcxr.augment.cache_size_for`).
         flags: QC flag list; ``seg_fallback`` is appended when an empty mask forces the full image.
+        intensity: Intensity standardisation of the square (``none`` or ``clahe``).
 
     Returns:
         uint8 tensor ``(1, cache_size, cache_size)``.
@@ -139,7 +132,7 @@ def prepare_image(
         from covidcxr.segment import apply_seg_mode
 
         image = apply_seg_mode(image, mask, seg_mode, flags=flags)
-    return to_cache_image(image, cache_size)
+    return standardise_intensity(to_cache_image(image, cache_size), intensity)
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -188,6 +181,7 @@ def save_artifact(
     *,
     segmenter_weights: str | Path | None = None,
     val_predictions: pd.DataFrame | None = None,
+    weights_dtype: str = "float32",
 ) -> Path:
     """Write a classifier artifact.
 
@@ -199,6 +193,8 @@ def save_artifact(
         segmenter_weights: Lung-segmenter weights to copy into ``segmenter/`` when ``config["seg_mode"]`` is not
             ``none`` (None = the shipped weights).
         val_predictions: Validation predictions (``image, patient_id, y, prob``) saved for ensembles.
+        weights_dtype: ``float32`` or ``float16`` (floating tensors stored in half precision; loading converts
+            them back to float32).
 
     Returns:
         The artifact directory.
@@ -214,7 +210,11 @@ def save_artifact(
     missing = [k for k in ("arch", "input_size", "normalization", "seg_mode", "threshold") if k not in cfg]
     if missing:
         raise ConfigError(f"artifact config lacks {missing}")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if weights_dtype not in ("float32", "float16"):
+        raise ConfigError(f"weights_dtype={weights_dtype!r}: expected float32 or float16")
+    half = weights_dtype == "float16"
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().to("cpu").contiguous()
+             for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
     save_file(state, str(weights), metadata={"arch": model.arch, "format": "covidcxr-classifier"})
     cfg.update(
@@ -224,6 +224,7 @@ def save_artifact(
         num_features=model.num_features,
         class_names=list(cfg.get("class_names", CLASS_NAMES)),
         weights_file=WEIGHTS_FILE,
+        weights_dtype=weights_dtype,
         weights_sha256=file_sha256(weights),
         package_version=__version__,
     )
@@ -264,12 +265,14 @@ class Prediction:
         label: Predicted class name per image (``prob >= threshold`` -> covid).
         qc_flags: Segmentation QC flags per image (empty lists when no segmentation is used).
         embeddings: L2-normalised embeddings ``(N, D)`` when asked for, else None.
+        prob_uncalibrated: Probability before temperature scaling (single models; None for ensembles).
     """
 
     prob: np.ndarray
     label: list[str]
     qc_flags: list[list[str]] = field(default_factory=list)
     embeddings: np.ndarray | None = None
+    prob_uncalibrated: np.ndarray | None = None
 
 
 def safe_auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -301,7 +304,9 @@ class ModelArtifact:
     def __init__(self, directory: Path, config: dict[str, Any], model: CxrClassifier, device: torch.device) -> None:
         self.directory = directory
         self.config = config
-        self.model = model
+        # The faster memory layout for this device (measured: benchmarks/precision.py).
+        self.memory_format = torch.channels_last if prefer_channels_last(device) else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
         self.device = device
         self.weights_hash: str = config["weights_sha256"]
         self._transform = build_eval_transform(int(config["input_size"]))
@@ -318,6 +323,16 @@ class ModelArtifact:
     def seg_mode(self) -> str:
         """Segmentation mode used in training (``none``, ``mask`` or ``crop``)."""
         return str(self.config["seg_mode"])
+
+    @property
+    def intensity(self) -> str:
+        """Intensity standardisation used in training (``none`` or ``clahe``)."""
+        return str(self.config.get("intensity", "none"))
+
+    @property
+    def temperature(self) -> float:
+        """Temperature fitted on validation (1.0 = uncalibrated); probabilities are ``sigmoid(margin / T)``."""
+        return float(self.config.get("temperature", 1.0))
 
     @property
     def class_names(self) -> list[str]:
@@ -348,10 +363,21 @@ class ModelArtifact:
             seg = self.config.get("segmenter")
             if not seg:
                 raise ConfigError(f"{self.directory}: model uses no segmentation (seg_mode 'none')")
-            weights = self.directory / seg["weights"]
+            from covidcxr import segment
+            from covidcxr.segment import LungSegmenter
+
+            if seg.get("builtin"):
+                # A reference to the package's own lung U-Net (the shipped model does not carry a second copy).
+                weights = segment.default_weights_path()
+                if not weights.is_file():
+                    raise ModelError(f"{weights}: the package's lung-segmenter weights are missing (reinstall covidcxr)")
+                if file_sha256(weights) != seg["sha256"]:
+                    raise ModelError(f"{weights}: the package's lung segmenter is not the one {self.directory} was "
+                                     f"trained with (SHA-256 {seg['sha256'][:12]}...); reinstall covidcxr")
+            else:
+                weights = self.directory / seg["weights"]
             if not weights.is_file():
                 raise ModelError(f"{weights}: segmenter weights missing from the model artifact")
-            from covidcxr.segment import LungSegmenter
 
             try:
                 use_bf16 = bool(self.config.get("bf16_inference", True)) and bf16_supported(self.device)
@@ -409,7 +435,8 @@ class ModelArtifact:
         """
         masks, qc = self._masks([image], [mask])
         self._last_qc = qc
-        return self._transform(prepare_image(image, masks[0], self.seg_mode, int(self.config["cache_size"]), qc[0]))
+        return self._transform(prepare_image(image, masks[0], self.seg_mode, int(self.config["cache_size"]), qc[0],
+                                             self.intensity))
 
     def preprocess_cached(self, cached: torch.Tensor) -> torch.Tensor:
         """Evaluation transform of an already prepared uint8 square (see :func:`prepare_image`)."""
@@ -421,35 +448,47 @@ class ModelArtifact:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if use else nullcontext()
 
     @torch.inference_mode()
-    def forward_batches(
+    def forward_margins(
         self, batch: torch.Tensor, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Run the network on preprocessed inputs.
+        """Run the network on preprocessed inputs and return uncalibrated logit margins.
 
         Args:
             batch: ``(N, 1, S, S)`` float tensor from :meth:`preprocess`.
-            bf16: Force bf16 autocast on/off; None = config flag where supported (CUDA).
+            bf16: Force bf16 autocast on/off; None = config flag where bf16 is native on the device.
             features: Also return L2-normalised embeddings.
             batch_size: Chunk size.
 
         Returns:
-            ``(prob (N,), embeddings (N, D) or None)``.
+            ``(logit_covid - logit_non_covid (N,), embeddings (N, D) or None)``.
         """
-        probs, feats = [], []
+        margins, feats = [], []
         self.model.eval()
         for start in range(0, len(batch), batch_size):
-            x = batch[start : start + batch_size].to(self.device, non_blocking=True)
+            x = batch[start : start + batch_size].to(self.device, non_blocking=True, memory_format=self.memory_format)
             with self._autocast(bf16):
                 f = self.model.forward_features(x)
                 logits = self.model.forward_head(f)
-            probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
+            logits = logits.float()
+            margins.append((logits[:, 1] - logits[:, 0]).cpu().numpy())
             if features:
                 feats.append(f.float().cpu().numpy())
-        prob = np.concatenate(probs) if probs else np.zeros(0, dtype=np.float32)
+        margin = np.concatenate(margins).astype(np.float64) if margins else np.zeros(0, dtype=np.float64)
         emb = _l2_normalise(np.concatenate(feats)) if features and feats else None
         if features and emb is None:
             emb = np.zeros((0, self.num_features), dtype=np.float32)
-        return prob.astype(np.float64), emb
+        return margin, emb
+
+    def forward_batches(
+        self, batch: torch.Tensor, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`forward_margins` turned into probabilities with the stored temperature.
+
+        Returns:
+            ``(calibrated probability of COVID (N,), embeddings (N, D) or None)``.
+        """
+        margin, emb = self.forward_margins(batch, bf16=bf16, features=features, batch_size=batch_size)
+        return apply_temperature(margin, self.temperature), emb
 
     def predict(
         self,
@@ -475,12 +514,15 @@ class ModelArtifact:
         images = [_check_image(im, i) for i, im in enumerate(images)]
         full_masks, qc = self._masks(images, masks)
         cache = int(self.config["cache_size"])
-        x = [self._transform(prepare_image(im, m, self.seg_mode, cache, f)) for im, m, f in zip(images, full_masks, qc)]
+        x = [self._transform(prepare_image(im, m, self.seg_mode, cache, f, self.intensity))
+             for im, m, f in zip(images, full_masks, qc)]
         batch = torch.stack(x) if x else torch.zeros((0, 1, 1, 1))
-        prob, emb = self.forward_batches(batch, bf16=bf16, features=embeddings, batch_size=batch_size)
+        margin, emb = self.forward_margins(batch, bf16=bf16, features=embeddings, batch_size=batch_size)
+        prob = apply_temperature(margin, self.temperature)
         self._last_qc = qc
         labels = [self.class_names[int(p >= self.threshold)] for p in prob]
-        return Prediction(prob=prob, label=labels, qc_flags=qc, embeddings=emb)
+        return Prediction(prob=prob, label=labels, qc_flags=qc, embeddings=emb,
+                          prob_uncalibrated=apply_temperature(margin, 1.0))
 
     def predict_proba(
         self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None = None, **kwargs: Any
@@ -664,7 +706,8 @@ def _load_classifier(directory: Path, config: dict[str, Any], device: torch.devi
     if verify and file_sha256(weights) != config["weights_sha256"]:
         raise ModelError(f"{weights}: weights file is corrupt or was replaced (SHA-256 differs from config.json)")
     try:
-        state = load_file(str(weights))
+        # Shipped weights are stored in float16 to halve the file; compute stays in float32 (bf16 by autocast).
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{weights}: corrupt weights ({exc})") from exc
     norm = config["normalization"]
@@ -684,6 +727,34 @@ def _load_classifier(directory: Path, config: dict[str, Any], device: torch.devi
 
         config["cache_size"] = cache_size_for(int(config["input_size"]))
     return ModelArtifact(directory, config, model, device)
+
+
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "weights" / "covid_classifier"
+
+
+def shipped_model_dir() -> Path:
+    """Folder of the COVID-19 classifier that ships with the package (see its ``MODEL_CARD.md``).
+
+    Raises:
+        ModelError: The package was installed without it.
+    """
+    if not (SHIPPED_MODEL_DIR / CONFIG_FILE).is_file():
+        raise ModelError(f"{SHIPPED_MODEL_DIR}: the shipped classifier is missing from this installation; "
+                         "reinstall covidcxr or pass --model DIR")
+    return SHIPPED_MODEL_DIR
+
+
+def resolve_model_dir(model: str | Path | None) -> tuple[Path, bool]:
+    """The model folder to use: ``model`` when given, else the shipped classifier (logged, so users know).
+
+    Returns:
+        ``(folder, is_shipped)``.
+    """
+    if model is not None:
+        return Path(model), False
+    folder = shipped_model_dir()
+    log.info("no --model given: using the shipped classifier %s (research use, not a diagnostic device)", folder)
+    return folder, True
 
 
 def load_artifact(directory: str | Path, device: str | torch.device | None = "auto", *, verify: bool = True) -> Artifact:
@@ -889,7 +960,7 @@ def predict_manifest(
         key = m.segmenter_key
         if key is not None and key not in caches:
             caches[key] = MaskCache(mask_dir, key)
-    probs, embs, qcs = [], [], []
+    probs, raws, embs, qcs = [], [], [], []
     rows_all = df.reset_index(drop=True)
     chunks = range(0, len(rows_all), batch_size)
     for start in tqdm(chunks, desc="predict", unit="batch", disable=not progress):
@@ -913,12 +984,15 @@ def predict_manifest(
         else:
             out = artifact.predict(images, masks_by_key.get(artifact.segmenter_key), embeddings=embeddings)
             prob, emb = out.prob, out.embeddings
+            raws.append(out.prob_uncalibrated)
         probs.append(prob)
         qcs.extend(qc)
         if embeddings:
             embs.append(emb)
     result = rows_all.copy()
     result["prob"] = np.concatenate(probs) if probs else np.zeros(0)
+    if raws and isinstance(artifact, ModelArtifact) and artifact.temperature != 1.0:
+        result["prob_uncalibrated"] = np.concatenate(raws)
     result["pred_label"] = [artifact.class_names[int(p >= artifact.threshold)] for p in result["prob"]]
     result["qc_flags"] = [";".join(f) for f in qcs]
     emb_all = np.concatenate(embs) if embeddings and embs else None

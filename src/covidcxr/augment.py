@@ -183,9 +183,41 @@ def to_cache_image(image: np.ndarray, cache_size: int) -> torch.Tensor:
     Returns:
         ``uint8`` tensor ``(1, cache_size, cache_size)``.
     """
+    from covidcxr.transforms import resize_image
+
     if image.ndim != 2:
         raise ConfigError(f"expected a 2-D grey image, got shape {image.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    t = torch.nn.functional.interpolate(t, size=(cache_size, cache_size), mode="bilinear", antialias=True,
-                                        align_corners=False)
-    return (t[0].clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    # Pillow's antialiased bilinear (same triangle filter as torch's antialias=True, <= 1 grey level apart) is
+    # 3x faster per image on CPU; training's cache and inference both come through here.
+    t = resize_image(image, cache_size)
+    return (t.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)[None]
+
+
+INTENSITY_MODES = ("none", "clahe")
+
+
+def standardise_intensity(image: torch.Tensor, mode: str) -> torch.Tensor:
+    """Intensity standardisation of a prepared uint8 square (after the segmentation mode and resizing).
+
+    ``clahe``: contrast-limited adaptive histogram equalisation (OpenCV, clip limit 2, 8 x 8 tiles). It evens out
+    the contrast and brightness curves that differ between scanners and archives, cues a model could otherwise
+    use to recognise the source instead of the disease.
+
+    Args:
+        image: ``uint8`` tensor ``(1, S, S)``.
+        mode: One of :data:`INTENSITY_MODES`.
+
+    Returns:
+        ``uint8`` tensor ``(1, S, S)``.
+
+    Raises:
+        ConfigError: Unknown mode.
+    """
+    if mode not in INTENSITY_MODES:
+        raise ConfigError(f"unknown intensity mode {mode!r}; valid: {', '.join(INTENSITY_MODES)}")
+    if mode == "none":
+        return image
+    import cv2
+
+    out = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(np.ascontiguousarray(image[0].numpy()))
+    return torch.from_numpy(out)[None]

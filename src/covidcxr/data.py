@@ -46,6 +46,27 @@ def _resolve(root: str, value: str) -> str:
     return os.path.normpath(os.path.join(root, os.path.expanduser(value))) if value else ""
 
 
+def both_label_mask(df: pd.DataFrame) -> np.ndarray:
+    """Rows from sources that hold both labels, where a model cannot score by recognising the source.
+
+    Uses the ``source_has_both_labels`` column when present, else the ``source`` column (a source holding both
+    labels within ``df``); without either, every row counts.
+
+    Args:
+        df: Manifest rows with ``label``.
+
+    Returns:
+        Boolean array, one entry per row.
+    """
+    if "source_has_both_labels" in df.columns:
+        text = df["source_has_both_labels"].astype(str).str.strip().str.lower()
+        return text.isin({"true", "1", "1.0", "yes"}).to_numpy()
+    if "source" not in df.columns:
+        return np.ones(len(df), dtype=bool)
+    n_labels = df.groupby("source")["label"].nunique()
+    return df["source"].isin(n_labels.index[n_labels == 2]).to_numpy()
+
+
 def read_manifest(path: str | Path, *, validate: bool = True) -> pd.DataFrame:
     """Read a manifest CSV and resolve its image/mask paths.
 

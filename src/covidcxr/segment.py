@@ -35,7 +35,7 @@ WEIGHTS_NAME = "lung_unet.safetensors"
 CONFIG_NAME = "lung_unet.json"
 MAX_WEIGHTS_BYTES = 15 * 1024 * 1024
 SEG_MODES = ("none", "mask", "crop")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 # Plausible ranges, from the ground-truth masks of the lung-segmentation development data (594 masks, three
 # annotation conventions): lung fraction 0.09-0.62, smaller/larger lung area 0.54-1.0, the two lung centroids
@@ -296,7 +296,7 @@ class LungSegmenter:
         model: Network from :func:`covidcxr.models.build_unet`.
         config: Its config (``input_size``, ``normalisation``, ``threshold``, ...).
         device: Torch device string.
-        precision: ``'fp32'`` or ``'bf16'`` (autocast).
+        precision: ``'auto'`` (bf16 autocast where the device has native bf16, else fp32), ``'fp32'`` or ``'bf16'``.
         batch_size: Images per forward pass.
         weights_hash: SHA-256 of the weights file, for provenance.
     """
@@ -307,7 +307,7 @@ class LungSegmenter:
         config: dict[str, Any],
         *,
         device: str = "cpu",
-        precision: str = "fp32",
+        precision: str = "auto",
         batch_size: int = 16,
         weights_hash: str = "",
     ) -> None:
@@ -319,11 +319,17 @@ class LungSegmenter:
 
         self.config = unet_config(config)
         self.device = torch.device(device)
-        self.precision = precision
+        from covidcxr.device import inference_bf16
+
+        # Resolved once, so the object says what it computes in.
+        self.precision = "bf16" if inference_bf16(self.device, precision) else "fp32"
         self.batch_size = int(batch_size)
         self.weights_hash = weights_hash
-        # channels_last lets oneDNN pick its fast convolution kernels on CPU (about 2x with bf16).
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        from covidcxr.device import prefer_channels_last
+
+        # channels_last lets oneDNN pick its fast blocked kernels on AVX-512 CPUs (about 2x with bf16) and GPUs.
+        self.memory_format = torch.channels_last if prefer_channels_last(self.device) else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=self.memory_format)
 
     @classmethod
     def load(
@@ -331,7 +337,7 @@ class LungSegmenter:
         path: str | os.PathLike[str] | None = None,
         *,
         device: str = "cpu",
-        precision: str = "fp32",
+        precision: str = "auto",
         batch_size: int = 16,
     ) -> LungSegmenter:
         """Load saved weights (None = the shipped ones) into a segmenter.
@@ -339,7 +345,7 @@ class LungSegmenter:
         Args:
             path: Weights file or folder, see :func:`load_unet`.
             device: Torch device string.
-            precision: ``'fp32'`` or ``'bf16'``.
+            precision: ``'auto'``, ``'fp32'`` or ``'bf16'``.
             batch_size: Images per forward pass.
 
         Returns:
@@ -379,7 +385,7 @@ class LungSegmenter:
         use_bf16 = self.precision == "bf16"
         for start in range(0, len(arrays), self.batch_size):
             x = prepare_batch(arrays[start : start + self.batch_size], self.config)
-            x = x.to(self.device, memory_format=torch.channels_last)
+            x = x.to(self.device, memory_format=self.memory_format)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = self.model(x)
             out[start : start + len(x)] = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
@@ -485,7 +491,11 @@ def apply_seg_mode(
         mode = "none"
     if mode == "mask":
         radius = dilate * max(image.shape)
-        keep = ndi.distance_transform_edt(~lung) <= radius if radius > 0 else lung
+        # OpenCV's exact (DIST_MASK_PRECISE) Euclidean distance transform: the same set as scipy's EDT, ~10x faster.
+        import cv2
+
+        dist = cv2.distanceTransform((~lung).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        keep = dist <= radius if radius > 0 else lung
         image = image * keep
     elif mode == "crop":
         image = _crop_to_lungs(image, lung, shape, margin)

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from covidcxr.device import resolve_precision
 from covidcxr.errors import ConfigError, ManifestError
 from covidcxr.models import build_unet, unet_config
 from covidcxr.segment import WEIGHTS_NAME, source_key
@@ -381,24 +382,6 @@ class _EpochSummary(L.Callback):
                  time.perf_counter() - self.t0)
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """Map ``'auto'`` to bf16 autocast where the hardware supports it, else fp32.
-
-    Args:
-        precision: ``'auto'`` or a Lightning precision string (``'bf16-mixed'``, ``'32-true'``, ...).
-        accelerator: Lightning accelerator (``'auto'``, ``'cpu'``, ``'gpu'``, ``'cuda'``).
-
-    Returns:
-        A Lightning precision string.
-    """
-    if precision != "auto":
-        return precision
-    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed"  # CPU autocast: bf16 kernels on AVX512-BF16/AMX CPUs, still correct elsewhere
-
-
 def _write_split(table: pd.DataFrame, path: Path) -> None:
     cols = ["rel_image", "rel_mask", "patient_id", "mask_source", "split"]
     table[cols].rename(columns={"rel_image": "image", "rel_mask": "mask"}).to_csv(path, index=False)
@@ -498,7 +481,7 @@ def train_segmenter(
         dirpath=ckpt_dir, filename="best-{epoch:03d}-{val_dice:.4f}", monitor="val_dice", mode="max",
         save_top_k=1, save_last=True,
     )
-    precision = resolve_precision(precision, accelerator)
+    precision = resolve_precision(precision, accelerator)  # bf16 only where native
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator=accelerator,

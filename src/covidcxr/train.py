@@ -41,8 +41,16 @@ from covidcxr.artifact import (
     safe_auc,
     save_artifact,
 )
-from covidcxr.augment import AugmentConfig, build_eval_transform, build_train_transform
-from covidcxr.data import LABELS
+from covidcxr.augment import INTENSITY_MODES, AugmentConfig, build_eval_transform, build_train_transform
+from covidcxr.calibration import apply_temperature, fit_temperature, nll
+from covidcxr.data import LABELS, both_label_mask
+from covidcxr.device import (
+    LIGHTNING_PRECISIONS,
+    default_num_workers,
+    prefer_channels_last,
+    resolve_precision,
+    uses_cuda,
+)
 from covidcxr.errors import ConfigError
 from covidcxr.io import file_sha256
 from covidcxr.models import NORMALIZATIONS, create_classifier, get_arch_spec
@@ -50,9 +58,13 @@ from covidcxr.models import NORMALIZATIONS, create_classifier, get_arch_spec
 log = logging.getLogger(__name__)
 
 BALANCE_MODES = ("loss", "sampler", "none")
-VAL_METRICS = {"auc": ("val_auc", "max"), "loss": ("val_loss", "min")}
-PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32-true", "32")
+# auc_both: validation ROC AUC on rows of sources that hold both labels, where recognising the source cannot help.
+VAL_METRICS = {"auc": ("val_auc", "max"), "loss": ("val_loss", "min"), "auc_both": ("val_auc_both", "max")}
+PRECISIONS = LIGHTNING_PRECISIONS
 THRESHOLD_METHODS = ("youden", "sensitivity")
+THRESHOLD_ROWS = ("both_labels", "all")
+# Fewer validation rows of either class than this on two-label sources: the threshold falls back to all rows.
+MIN_THRESHOLD_ROWS_PER_CLASS = 5
 
 
 @dataclass
@@ -67,21 +79,35 @@ class TrainConfig:
         epochs: Maximum epochs.
         batch_size: Images per step per device.
         lr: AdamW peak learning rate; None = 1e-3 from scratch, 3e-4 from pretrained weights.
+        backbone_lr_scale: Backbone learning rate as a fraction of ``lr`` (discriminative fine-tuning; 1 = same).
+        freeze_epochs: Whole epochs at the start that train the head only (frozen-backbone warm-up).
         weight_decay: AdamW weight decay (not applied to norms and biases).
         warmup_epochs: Linear warm-up length before the cosine decay (fractions allowed).
         seed: Seed of split, initialisation, sampling and augmentation.
-        num_workers: DataLoader worker processes (and decoding threads).
+        num_workers: DataLoader worker processes (and decoding threads); None = one per CPU beyond the main one.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``, ...).
         devices: Lightning devices (``auto``, a count or a list).
         num_nodes: Nodes for multi-node DDP.
         strategy: Lightning strategy (``auto``, ``ddp``, ...).
-        precision: ``auto`` (bf16-mixed where supported, else 32-true) or a Lightning precision.
+        precision: ``auto`` (bf16-mixed where the hardware has native bf16, else 32-true) or a Lightning precision.
+        channels_last: Channels-last tensors; None = where measured faster (CUDA, AVX-512 CPUs; see
+            :func:`covidcxr.device.prefer_channels_last` and ``benchmarks/precision.py``).
         augment: Augmentation on/off; ``augment_options`` override :class:`AugmentConfig` fields.
-        normalization: ``imagenet`` (mean/std per replicated channel) or ``gray`` (one mean/std).
+        normalization: ``imagenet``, ``inception`` (mean = std = 0.5) or ``gray``; None = what the architecture's
+            ImageNet weights expect (its pretrained config).
+        intensity: ``none`` or ``clahe`` (contrast-limited histogram equalisation of the prepared image, a
+            standardisation that removes some scanner/source contrast cues).
         balance: ``loss`` (class-weighted CE), ``sampler`` (balanced sampling) or ``none``.
-        val_metric: ``auc`` or ``loss`` for early stopping and the best checkpoint.
+        val_metric: ``auc``, ``auc_both`` (two-label sources only) or ``loss`` for early stopping and the best
+            checkpoint.
+        both_label_weight: Loss weight of training rows from sources that hold both labels (1 = as any row).
         patience: Early-stopping patience in epochs (0 = off).
         threshold_method: ``youden`` or ``sensitivity``.
+        threshold_rows: ``both_labels`` (choose the threshold on validation rows of two-label sources, the hard
+            negatives, when each class has enough of them) or ``all``.
+        calibrate: Fit temperature scaling on validation and store it in the artifact.
+        weights_dtype: ``float32`` or ``float16`` (half the file; the weights are rounded *before* calibration and
+            threshold choice, so both fit the weights that are saved).
         target_sensitivity: Target for ``sensitivity``.
         group_col: Extra grouping column for the patient split (when the manifest has no ``split``).
         val_fraction: Validation share of patients for a new split.
@@ -103,22 +129,30 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     lr: float | None = None
+    backbone_lr_scale: float = 1.0
+    freeze_epochs: int = 0
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     seed: int = 0
-    num_workers: int = 4
+    num_workers: int | None = None
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "auto"
+    channels_last: bool | None = None
     augment: bool = True
     augment_options: dict[str, Any] = field(default_factory=dict)
-    normalization: str = "imagenet"
+    normalization: str | None = None
+    intensity: str = "none"
     balance: str = "loss"
     val_metric: str = "auc"
+    both_label_weight: float = 1.0
     patience: int = 10
     threshold_method: str = "youden"
+    threshold_rows: str = "both_labels"
+    calibrate: bool = True
+    weights_dtype: str = "float32"
     target_sensitivity: float | None = None
     group_col: str | None = None
     val_fraction: float = 0.15
@@ -133,13 +167,22 @@ class TrainConfig:
     max_minutes: float | None = None
 
     def __post_init__(self) -> None:
-        get_arch_spec(self.arch)  # ConfigError listing the valid names
+        spec = get_arch_spec(self.arch)  # ConfigError listing the valid names
+        if self.normalization is None:
+            self.normalization = spec.pretrained_cfg.normalization
+        if self.num_workers is None:
+            self.num_workers = default_num_workers()
+        if self.channels_last is None:
+            self.channels_last = prefer_channels_last("cuda" if uses_cuda(self.accelerator) else "cpu")
         checks = {
             "seg_mode": (self.seg_mode, SEG_MODES),
             "balance": (self.balance, BALANCE_MODES),
             "val_metric": (self.val_metric, tuple(VAL_METRICS)),
             "normalization": (self.normalization, tuple(NORMALIZATIONS)),
             "threshold_method": (self.threshold_method, THRESHOLD_METHODS),
+            "threshold_rows": (self.threshold_rows, THRESHOLD_ROWS),
+            "intensity": (self.intensity, INTENSITY_MODES),
+            "weights_dtype": (self.weights_dtype, ("float32", "float16")),
             "precision": (str(self.precision), PRECISIONS),
         }
         for name, (value, valid) in checks.items():
@@ -150,6 +193,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 < float(self.backbone_lr_scale) <= 1.0:
+            raise ConfigError(f"backbone_lr_scale must be in (0, 1], got {self.backbone_lr_scale}")
+        if int(self.freeze_epochs) < 0:
+            raise ConfigError(f"freeze_epochs must be >= 0, got {self.freeze_epochs}")
+        if not float(self.both_label_weight) > 0:
+            raise ConfigError(f"both_label_weight must be > 0, got {self.both_label_weight}")
         if self.threshold_method == "sensitivity" and self.target_sensitivity is None:
             self.target_sensitivity = 0.9
         if self.threshold_method == "youden":
@@ -198,7 +247,9 @@ class ClassifierModule(L.LightningModule):
         weight_decay: AdamW weight decay.
         warmup_epochs: Warm-up epochs.
         class_weights: Cross-entropy class weights or None.
-        channels_last: Use channels-last memory format (faster convolutions on GPUs).
+        channels_last: Use channels-last memory format (faster convolutions on CPU and GPU).
+        backbone_lr_scale: Backbone learning rate as a fraction of ``lr``.
+        freeze_epochs: Leading epochs in which only the head trains.
     """
 
     def __init__(
@@ -213,6 +264,8 @@ class ClassifierModule(L.LightningModule):
         warmup_epochs: float = 1.0,
         class_weights: Sequence[float] | None = None,
         channels_last: bool = False,
+        backbone_lr_scale: float = 1.0,
+        freeze_epochs: int = 0,
     ) -> None:
         super().__init__()
         # Plain lists/numbers only, so checkpoints load with torch.load(weights_only=True).
@@ -220,7 +273,7 @@ class ClassifierModule(L.LightningModule):
             {"arch": arch, "pretrained": str(pretrained), "mean": list(mean), "std": list(std),
              "drop_rate": drop_rate, "lr": lr, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
              "class_weights": list(class_weights) if class_weights is not None else None,
-             "channels_last": channels_last}
+             "channels_last": channels_last, "backbone_lr_scale": backbone_lr_scale, "freeze_epochs": freeze_epochs}
         )
         self.model = create_classifier(arch, pretrained, mean=mean, std=std, drop_rate=drop_rate)
         if channels_last:
@@ -229,52 +282,72 @@ class ClassifierModule(L.LightningModule):
         self.register_buffer("class_weights", weights, persistent=False)
         self._val_prob: list[torch.Tensor] = []
         self._val_y: list[torch.Tensor] = []
+        self._val_both: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a ``(N, 1, H, W)`` batch."""
         return self.model(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Class-weighted cross-entropy on one batch."""
-        x, y = batch
+    def on_train_epoch_start(self) -> None:
+        """Frozen-backbone warm-up: only the head learns in the first ``freeze_epochs`` epochs."""
+        frozen = self.current_epoch < int(self.hparams.get("freeze_epochs", 0))
+        for p in self.model.backbone.parameters():
+            p.requires_grad_(not frozen)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """Class- and row-weighted cross-entropy on one batch."""
+        x, y, w = batch[0], batch[1], batch[2]
         logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=self.class_weights)
+        per_row = F.cross_entropy(logits.float(), y, weight=self.class_weights, reduction="none")
+        # Normalise by the summed weights, as cross_entropy's weighted mean does, so the lr means the same.
+        cw = self.class_weights[y] if self.class_weights is not None else torch.ones_like(w)
+        loss = (per_row * w).sum() / (cw * w).sum().clamp_min(1e-12)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Collect probabilities for the epoch's ROC AUC; log the unweighted loss."""
-        x, y = batch
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """Collect probabilities for the epoch's ROC AUCs; log the unweighted loss."""
+        x, y, both = batch[0], batch[1], batch[3]
         logits = self.model(x).float()
         self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True, prog_bar=True, batch_size=len(y),
                  sync_dist=True)
         self._val_prob.append(torch.softmax(logits, dim=1)[:, 1].detach())
         self._val_y.append(y.detach())
+        self._val_both.append(both.detach())
 
     def on_validation_epoch_end(self) -> None:
-        """ROC AUC over the whole validation set (gathered across DDP ranks)."""
+        """ROC AUC over the whole validation set and over its two-label-source rows (gathered across DDP ranks)."""
         if not self._val_prob:
             return
-        prob, y = torch.cat(self._val_prob), torch.cat(self._val_y)
+        prob, y, both = torch.cat(self._val_prob), torch.cat(self._val_y), torch.cat(self._val_both)
         self._val_prob.clear()
         self._val_y.clear()
+        self._val_both.clear()
         if self.trainer.world_size > 1:
             prob, y = self.all_gather(prob).reshape(-1), self.all_gather(y).reshape(-1)
-        auc = safe_auc(y.cpu().numpy(), prob.cpu().numpy())
+            both = self.all_gather(both).reshape(-1)
+        prob_np, y_np, both_np = prob.cpu().numpy(), y.cpu().numpy(), both.cpu().numpy() > 0.5
+        auc = safe_auc(y_np, prob_np)
+        auc_both = safe_auc(y_np[both_np], prob_np[both_np]) if both_np.any() else float("nan")
         # A single-class validation batch (sanity check, tiny sets) has no AUC; 0.5 keeps callbacks finite.
         # Same value on every rank (computed from gathered predictions); syncing it is a no-op average.
         self.log("val_auc", 0.5 if math.isnan(auc) else auc, prog_bar=True, sync_dist=True)
+        self.log("val_auc_both", 0.5 if math.isnan(auc_both) else auc_both, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        """AdamW (no decay on norms/biases) with per-step linear warm-up then cosine decay."""
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-        )
+        """AdamW (no decay on norms/biases; backbone at ``backbone_lr_scale`` x lr) with warm-up then cosine."""
+        lr = self.hparams.lr
+        scale = float(self.hparams.get("backbone_lr_scale", 1.0))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            # Frozen warm-up toggles requires_grad later, so every parameter goes to the optimiser now.
+            groups.setdefault((name.startswith("backbone."), p.ndim <= 1), []).append(p)
+        param_groups = [
+            {"params": params, "lr": lr * (scale if in_backbone else 1.0),
+             "weight_decay": 0.0 if no_decay else self.hparams.weight_decay}
+            for (in_backbone, no_decay), params in sorted(groups.items())
+        ]
+        opt = torch.optim.AdamW(param_groups, lr=lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = total / max(1, self.trainer.max_epochs or 1)
         warmup = round(self.hparams.warmup_epochs * per_epoch)
@@ -328,25 +401,34 @@ class CachedImageDataset(Dataset):
         cache: uint8 tensor ``(N, 1, S, S)``; shared with forked DataLoader workers without copying.
         labels: int64 labels ``(N,)``.
         transform: Maps ``uint8 (1, S, S)`` to ``float32 (1, s, s)``.
+        weights: Per-row loss weights (default 1).
+        both: Per-row flag, 1 where the row's source holds both labels (default 1).
     """
 
-    def __init__(self, cache: torch.Tensor, labels: np.ndarray, transform: Any) -> None:
+    def __init__(self, cache: torch.Tensor, labels: np.ndarray, transform: Any, weights: np.ndarray | None = None,
+                 both: np.ndarray | None = None) -> None:
         self.cache = cache
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.transform = transform
+        n = len(self.labels)
+        self.weights = torch.as_tensor(weights if weights is not None else np.ones(n), dtype=torch.float32)
+        self.both = torch.as_tensor(both if both is not None else np.ones(n), dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.cache[i]), self.labels[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image, label, loss weight, 1.0 if the row's source holds both labels)``."""
+        return self.transform(self.cache[i]), self.labels[i], self.weights[i], self.both[i]
 
 
 class _PrepareDataset(Dataset):
     """Decode one row and apply :func:`prepare_image` (run in DataLoader worker processes: seg modes cost CPU)."""
 
-    def __init__(self, images: list[str], masks: list[str], seg_mode: str, cache_size: int) -> None:
+    def __init__(self, images: list[str], masks: list[str], seg_mode: str, cache_size: int,
+                 intensity: str = "none") -> None:
         self.images, self.masks, self.seg_mode, self.cache_size = images, masks, seg_mode, cache_size
+        self.intensity = intensity
 
     def __len__(self) -> int:
         return len(self.images)
@@ -358,7 +440,7 @@ class _PrepareDataset(Dataset):
         image, _ = load_image(self.images[i])
         mask = read_mask(self.masks[i]) if self.masks[i] else None
         flags: list[str] = []
-        return i, prepare_image(image, mask, self.seg_mode, self.cache_size, flags), flags
+        return i, prepare_image(image, mask, self.seg_mode, self.cache_size, flags, self.intensity), flags
 
 
 def _as_list(batch: list[Any]) -> list[Any]:
@@ -379,6 +461,7 @@ def build_image_cache(
     num_workers: int = 4,
     chunk: int = 64,
     progress: bool = True,
+    intensity: str = "none",
 ) -> tuple[torch.Tensor, list[list[str]]]:
     """Decode every row once: segmentation mode applied, squashed to ``cache_size``, uint8.
 
@@ -395,6 +478,7 @@ def build_image_cache(
         num_workers: Worker processes (and decoding threads for segmentation).
         chunk: Rows segmented together.
         progress: Show progress bars.
+        intensity: Intensity standardisation (see :func:`covidcxr.augment.standardise_intensity`).
 
     Returns:
         ``(uint8 tensor (N, 1, S, S), qc_flags per row)``.
@@ -436,7 +520,7 @@ def build_image_cache(
     cache = torch.empty((len(rows_all), 1, cache_size, cache_size), dtype=torch.uint8)
     qc_all: list[list[str]] = [list(f) for f in seg_qc]
     loader = DataLoader(
-        _PrepareDataset(images, mask_paths, seg_mode, cache_size),
+        _PrepareDataset(images, mask_paths, seg_mode, cache_size, intensity),
         batch_size=16,
         num_workers=max(0, num_workers),
         collate_fn=_as_list,
@@ -535,15 +619,6 @@ def _prepare_out(out: Path, resume: bool, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _resolve_precision(precision: str, accelerator: str) -> str:
-    if precision != "auto":
-        return precision
-    use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed"  # CPU autocast supports bf16 on every torch build we support
-
-
 def _loader(dataset: Dataset, batch_size: int, num_workers: int, *, shuffle: bool = False, sampler: Any = None,
             drop_last: bool = False, seed: int = 0) -> DataLoader:
     return DataLoader(
@@ -612,20 +687,25 @@ def train_classifier(
         from covidcxr.segment import LungSegmenter
 
         seg_weights = segmenter_files(cfg.segmenter)[0]
-        seg_device = "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+        from covidcxr.device import inference_bf16
+
+        seg_device = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
         segmenter = LungSegmenter.load(seg_weights, device=seg_device, batch_size=32,
-                                       precision="bf16" if cfg.bf16_inference and seg_device == "cuda" else "fp32")
+                                       precision="bf16" if cfg.bf16_inference and inference_bf16(seg_device) else "fp32")
         mask_cache = MaskCache(cfg.mask_dir or out / "masks", file_sha256(seg_weights))
     t0 = time.perf_counter()
     cache, qc = build_image_cache(df, cfg.seg_mode, cache_size, segmenter=segmenter, mask_cache=mask_cache,
-                                  num_workers=cfg.num_workers, progress=cfg.progress)
+                                  num_workers=cfg.num_workers, progress=cfg.progress, intensity=cfg.intensity)
     cache_seconds = time.perf_counter() - t0
     log.info("cached %d images at %dpx in %.1fs", len(df), cache_size, cache_seconds)
 
     idx = {s: np.flatnonzero((df["split"] == s).to_numpy()) for s in ("train", "val", "test")}
-    train_ds = CachedImageDataset(cache[idx["train"]], y_all[idx["train"]], build_train_transform(aug))
+    both_all = both_label_mask(df)
+    row_weight = np.where(both_all, float(cfg.both_label_weight), 1.0)
+    train_ds = CachedImageDataset(cache[idx["train"]], y_all[idx["train"]], build_train_transform(aug),
+                                  row_weight[idx["train"]], both_all[idx["train"]])
     eval_tf = build_eval_transform(aug)
-    val_ds = CachedImageDataset(cache[idx["val"]], y_all[idx["val"]], eval_tf)
+    val_ds = CachedImageDataset(cache[idx["val"]], y_all[idx["val"]], eval_tf, None, both_all[idx["val"]])
     y_train = y_all[idx["train"]]
     counts = np.bincount(y_train, minlength=2).astype(float)
     class_weights = (len(y_train) / (2 * counts)).tolist() if cfg.balance == "loss" else None
@@ -640,10 +720,11 @@ def train_classifier(
     val_dl = _loader(val_ds, max(batch_size, 2 * cfg.batch_size), cfg.num_workers, seed=cfg.seed)
 
     mean, std = NORMALIZATIONS[cfg.normalization]
-    use_cuda = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    use_cuda = uses_cuda(cfg.accelerator)
     module = ClassifierModule(
         cfg.arch, "none" if resume else cfg.pretrained, mean, std, cfg.drop_rate, cfg.peak_lr, cfg.weight_decay,
-        cfg.warmup_epochs, class_weights, channels_last=use_cuda,
+        cfg.warmup_epochs, class_weights, channels_last=cfg.channels_last,
+        backbone_lr_scale=cfg.backbone_lr_scale, freeze_epochs=cfg.freeze_epochs,
     )
     monitor, mode = VAL_METRICS[cfg.val_metric]
     # Best: weights only (a third of a full checkpoint, written often early on); last: full state for --resume.
@@ -654,7 +735,9 @@ def train_classifier(
     callbacks: list[L.Callback] = [ckpt_cb, last_cb, timer, LearningRateMonitor(logging_interval="epoch")]
     if cfg.patience > 0:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience))
-    precision = _resolve_precision(str(cfg.precision), cfg.accelerator)
+    precision = resolve_precision(str(cfg.precision), cfg.accelerator)
+    log.info("training precision %s (asked: %s), channels_last=%s, %d DataLoader workers", precision, cfg.precision,
+             cfg.channels_last, cfg.num_workers)
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
@@ -691,6 +774,11 @@ def train_classifier(
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     model = module.model.to(memory_format=torch.contiguous_format).cpu().eval()
+    if cfg.weights_dtype == "float16":
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                if t.is_floating_point():
+                    t.copy_(t.half().float())
     device = resolve_device("cuda" if use_cuda else "cpu")
     model.to(device)
 
@@ -700,6 +788,9 @@ def train_classifier(
         "cache_size": cache_size,
         "normalization": {"name": cfg.normalization, "mean": list(mean), "std": list(std)},
         "seg_mode": cfg.seg_mode,
+        "intensity": cfg.intensity,
+        "pretrained": cfg.pretrained if cfg.pretrained in ("imagenet", "none") else "path",
+        "temperature": 1.0,
         "threshold": 0.5,
         "threshold_method": cfg.threshold_method,
         "target_sensitivity": cfg.target_sensitivity,
@@ -712,19 +803,36 @@ def train_classifier(
     def predict_split(name: str) -> pd.DataFrame:
         rows = df.iloc[idx[name]].copy()
         x = torch.stack([eval_tf(cache[i]) for i in idx[name]]) if len(rows) else torch.zeros((0, 1, 1, 1))
-        prob, _ = art.forward_batches(x, batch_size=2 * cfg.batch_size)
+        margin, _ = art.forward_margins(x, batch_size=2 * cfg.batch_size)
         rows["y"] = y_all[idx[name]]
-        rows["prob"] = prob
+        rows["margin"] = margin
+        rows["prob_uncalibrated"] = apply_temperature(margin, 1.0)
+        rows["prob"] = apply_temperature(margin, float(config["temperature"]))
         rows["qc_flags"] = [";".join(qc[i]) for i in idx[name]]
+        rows["source_has_both_labels"] = both_all[idx[name]]
         return rows
 
-    from covidcxr.evaluate import choose_threshold
+    from covidcxr.evaluate import choose_threshold, expected_calibration_error
 
     val_pred = predict_split("val")
-    threshold = choose_threshold(val_pred["y"].to_numpy(), val_pred["prob"].to_numpy(), cfg.threshold_method,
-                                 cfg.target_sensitivity)
-    val_auc = safe_auc(val_pred["y"].to_numpy(), val_pred["prob"].to_numpy())
-    log.info("validation ROC AUC %.4f; threshold %.4f (%s)", val_auc, threshold, cfg.threshold_method)
+    y_val = val_pred["y"].to_numpy()
+    calibration: dict[str, Any] = {"temperature": 1.0, "val_nll_before": None, "val_nll_after": None}
+    if cfg.calibrate and np.unique(y_val).size == 2:
+        temperature = fit_temperature(val_pred["margin"].to_numpy(), y_val)
+        config["temperature"] = temperature
+        val_pred["prob"] = apply_temperature(val_pred["margin"].to_numpy(), temperature)
+        calibration = {"temperature": temperature,
+                       "val_nll_before": nll(val_pred["margin"].to_numpy(), y_val, 1.0),
+                       "val_nll_after": nll(val_pred["margin"].to_numpy(), y_val, temperature)}
+    if np.unique(y_val).size == 2:
+        calibration["val_ece_before"] = expected_calibration_error(y_val, val_pred["prob_uncalibrated"].to_numpy())
+        calibration["val_ece_after"] = expected_calibration_error(y_val, val_pred["prob"].to_numpy())
+    threshold, threshold_on = _choose_val_threshold(val_pred, cfg, choose_threshold)
+    val_auc = safe_auc(y_val, val_pred["prob"].to_numpy())
+    both_val = val_pred["source_has_both_labels"].to_numpy(dtype=bool)
+    val_auc_both = safe_auc(y_val[both_val], val_pred["prob"].to_numpy()[both_val]) if both_val.any() else float("nan")
+    log.info("validation ROC AUC %.4f (two-label sources %.4f); temperature %.3f; threshold %.4f (%s on %s rows)",
+             val_auc, val_auc_both, config["temperature"], threshold, cfg.threshold_method, threshold_on)
     val_pred["pred_label"] = np.where(val_pred["prob"] >= threshold, LABELS[1], LABELS[0])
 
     timing = timer.summary()
@@ -738,18 +846,28 @@ def train_classifier(
         "epochs_run": int(trainer.current_epoch),
         "history": str(history.relative_to(out)),
         "val_auc": val_auc,
+        "val_auc_both": val_auc_both,
+        "threshold_rows": threshold_on,
+        "calibration": calibration,
         "cache_seconds": cache_seconds,
         "fit_seconds": fit_seconds,
         **timing,
         "device": _device_name(device),
         "qc_flag_counts": _qc_counts(qc),
     }
-    config.update(threshold=threshold, val_auc=val_auc, training=summary, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    keep = [c for c in ("image", "patient_id", "label", "source", "view", "y", "prob", "pred_label") if c in val_pred]
-    save_artifact(out, model, config, segmenter_weights=seg_weights, val_predictions=val_pred[keep])
+    config.update(threshold=threshold, threshold_rows=threshold_on, val_auc=val_auc, val_auc_both=val_auc_both,
+                  training=summary, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    keep = [c for c in ("image", "patient_id", "label", "source", "view", "source_has_both_labels", "y", "margin",
+                        "prob_uncalibrated", "prob", "pred_label") if c in val_pred]
+    save_artifact(out, model, config, segmenter_weights=seg_weights, val_predictions=val_pred[keep],
+                  weights_dtype=cfg.weights_dtype)
 
     if cfg.eval_test and len(idx["test"]):
         test_pred = predict_split("test")
+        summary["test_ece_before"] = expected_calibration_error(test_pred["y"], test_pred["prob_uncalibrated"]) \
+            if np.unique(test_pred["y"]).size == 2 else None
+        summary["test_ece_after"] = expected_calibration_error(test_pred["y"], test_pred["prob"]) \
+            if np.unique(test_pred["y"]).size == 2 else None
         test_pred["pred_label"] = np.where(test_pred["prob"] >= threshold, LABELS[1], LABELS[0])
         test_pred.to_csv(out / "test_predictions.csv", index=False)
         if np.unique(test_pred["y"]).size == 2:
@@ -759,6 +877,23 @@ def train_classifier(
     summary["total_seconds"] = time.perf_counter() - t_start
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return out
+
+
+def _choose_val_threshold(val_pred: pd.DataFrame, cfg: TrainConfig, choose: Any) -> tuple[float, str]:
+    """Threshold on validation: on two-label-source rows (hard negatives) when each class has enough, else all.
+
+    Validation negatives from single-label archives (clean JSRT/RSNA films) are easy; a threshold chosen on them
+    buys sensitivity with specificity that does not hold on the harder negatives of a mixed hospital archive.
+    """
+    y, p = val_pred["y"].to_numpy(), val_pred["prob"].to_numpy()
+    both = val_pred["source_has_both_labels"].to_numpy(dtype=bool)
+    counts = np.bincount(y[both], minlength=2) if both.any() else np.zeros(2, dtype=int)
+    if cfg.threshold_rows == "both_labels" and counts.min() >= MIN_THRESHOLD_ROWS_PER_CLASS and not both.all():
+        return choose(y[both], p[both], cfg.threshold_method, cfg.target_sensitivity), "both_labels"
+    if cfg.threshold_rows == "both_labels" and not both.all():
+        log.warning("only %d/%d validation rows of each class on two-label sources (< %d): threshold chosen on all "
+                    "validation rows", counts[0], counts[1], MIN_THRESHOLD_ROWS_PER_CLASS)
+    return choose(y, p, cfg.threshold_method, cfg.target_sensitivity), "all"
 
 
 def _evaluate_test(pred: pd.DataFrame, threshold: float, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from covidcxr.cli._model import MODEL_HELP, model_dir
 from covidcxr.errors import ConfigError
 
 _TRAIN_EPILOG = """\
@@ -51,24 +52,40 @@ def register(subparsers: Any) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32, help="per device")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW lr (default 1e-3 from scratch, 3e-4 pretrained)")
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                   help="backbone lr as a fraction of --lr (discriminative fine-tuning; default 1)")
+    p.add_argument("--freeze-epochs", type=int, default=0, help="leading epochs that train the head only (default 0)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers and decoding threads")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers and decoding threads (default: one per CPU beyond the main process)")
     p.add_argument("--accelerator", default="auto", help="auto | cpu | gpu | ... (Lightning)")
     p.add_argument("--devices", default="auto", help="auto | N | list, e.g. 0,1 (Lightning)")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--strategy", default="auto", help="auto | ddp | ... (Lightning)")
-    p.add_argument("--precision", default="auto", help="auto (bf16-mixed where supported) | 32-true | 16-mixed")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16-mixed only where the hardware has native bf16, else 32-true) | 32-true | bf16-mixed")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
-    p.add_argument("--normalization", default="imagenet", choices=("imagenet", "gray"))
+    p.add_argument("--normalization", default=None, choices=("imagenet", "inception", "gray"),
+                   help="input normalisation (default: what the architecture's ImageNet weights expect)")
+    p.add_argument("--intensity", default="none", choices=("none", "clahe"),
+                   help="intensity standardisation after the segmentation mode (default none)")
     p.add_argument("--balance", default="loss", choices=("loss", "sampler", "none"),
                    help="class balancing: weighted loss, balanced sampling or none (default loss)")
-    p.add_argument("--val-metric", default="auc", choices=("auc", "loss"),
-                   help="early stopping / best checkpoint on validation ROC AUC (default) or loss")
+    p.add_argument("--val-metric", default="auc", choices=("auc", "auc_both", "loss"),
+                   help="early stopping / best checkpoint on validation ROC AUC (default), ROC AUC on rows of "
+                        "sources holding both labels (auc_both, shortcut-resistant) or loss")
+    p.add_argument("--both-label-weight", type=float, default=1.0,
+                   help="loss weight of rows from sources that hold both labels (default 1)")
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0 = off)")
     p.add_argument("--threshold-method", default="youden", choices=("youden", "sensitivity"))
     p.add_argument("--target-sensitivity", type=float, default=None, help="with --threshold-method sensitivity")
+    p.add_argument("--threshold-rows", default="both_labels", choices=("both_labels", "all"),
+                   help="validation rows the threshold is chosen on: those of two-label sources (hard negatives; "
+                        "default, falls back to all when too few) or all")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="skip temperature scaling on validation")
     p.add_argument("--group-col", default=None, help="column kept together when making the split (split_group)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/last.ckpt")
@@ -77,14 +94,14 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("predict", help="probability and label per image with a model artifact")
     p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG/TIFF/DICOM files")
-    p.add_argument("--model", type=Path, required=True, help="model (or ensemble) artifact folder")
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--out", type=Path, default=None, help="also write predictions to .csv or .json")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_cmd_predict)
 
     p = subparsers.add_parser("evaluate", help="predict a manifest split and report metrics with patient-bootstrap CIs")
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--split", default="test", help="rows of this split (default test; 'all' = every row)")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plots and reports")
@@ -135,20 +152,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
     from rich.table import Table
 
-    from covidcxr.artifact import load_artifact
-    from covidcxr.io import load_image
+    from covidcxr.artifact import decode_images, load_artifact
+    from covidcxr.device import available_cpus
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"{args.out}: --out must end in .csv or .json")
+    args.model = model_dir(args.model)
     art = load_artifact(args.model, args.device)
-    images = [load_image(p)[0] for p in args.images]
-    pred = art.predict(images, batch_size=args.batch_size)
-    table = pd.DataFrame({
-        "image": [str(p) for p in args.images],
-        "prob_covid": pred.prob,
-        "label": pred.label,
-        "qc_flags": [";".join(f) for f in pred.qc_flags] if pred.qc_flags else [""] * len(images),
-    })
+    probs, labels, flags = [], [], []
+    # Chunks: memory stays bounded for thousands of files; decoding uses a thread per CPU.
+    for start in range(0, len(args.images), args.batch_size):
+        chunk = [str(p) for p in args.images[start : start + args.batch_size]]
+        pred = art.predict(decode_images(chunk, available_cpus()), batch_size=args.batch_size)
+        probs.extend(pred.prob.tolist())
+        labels.extend(pred.label)
+        flags.extend([";".join(f) for f in pred.qc_flags] if pred.qc_flags else [""] * len(chunk))
+    table = pd.DataFrame({"image": [str(p) for p in args.images], "prob_covid": probs, "label": labels,
+                          "qc_flags": flags})
     rich_table = Table(title=f"{args.model} (threshold {art.threshold:.3f})")
     for col in ("image", "P(covid)", "label", "QC"):
         rich_table.add_column(col, justify="right" if col == "P(covid)" else "left")
@@ -177,6 +197,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         df = df[df["split"] == args.split]
         if df.empty:
             raise ConfigError(f"{args.manifest}: no rows with split {args.split!r}")
+    args.model = model_dir(args.model)
     art = load_artifact(args.model, args.device)
     pred, _ = art.predict_manifest(df, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
     pred["y"] = (pred["label"] == LABELS[1]).astype(int)

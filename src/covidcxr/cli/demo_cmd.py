@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patients", type=int, default=200, help="synthetic patients (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=10, help="classifier epochs (default 10)")
-    p.add_argument("--stages", nargs="+", default=["data", "segment", "train", "index"],
-                   choices=["data", "segment", "train", "index"], help="stages to run (data always runs)")
+    p.add_argument("--stages", nargs="+", default=["data", "segment", "train", "index", "real"],
+                   choices=["data", "segment", "train", "index", "real"],
+                   help="stages to run (data always runs; real: the shipped classifier on CC BY sample X-rays)")
     p.set_defaults(func=_run)
 
 

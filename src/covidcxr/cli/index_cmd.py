@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from covidcxr.cli._model import MODEL_HELP, model_dir
 from covidcxr.errors import ConfigError
 
 
@@ -21,7 +22,7 @@ def register(subparsers: Any) -> None:
     sub = idx.add_subparsers(title="index commands", metavar="COMMAND", required=True)
 
     p = sub.add_parser("build", help="embed a manifest split with a model and save a case index")
-    p.add_argument("--model", type=Path, required=True, help="model (or ensemble) artifact folder")
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--manifest", type=Path, required=True, help="manifest CSV (a case_id column is used if present)")
     p.add_argument("--out", type=Path, required=True, help="index folder to write")
     p.add_argument("--split", default="train", help="rows of this split (default train; 'all' = every row)")
@@ -46,7 +47,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_add)
 
     p = sub.add_parser("evaluate", help="retrieval quality: train split indexed, test split queried, leave-patient-out")
-    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--manifest", type=Path, required=True, help="manifest with a split column (else split by patient)")
     p.add_argument("--out", type=Path, default=None, help="folder for retrieval.json and retrieval.md")
     p.add_argument("-k", "--k", type=int, default=10, help="neighbours of the kNN vote and mAP cut-off (default 10)")
@@ -106,6 +107,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from covidcxr.search import build_index
 
     df = _manifest_split(args.manifest, args.split)
+    args.model = model_dir(args.model)
     art = load_artifact(args.model, args.device)
     index = build_index(art, df, args.out, pca_dim=args.pca_dim, whiten=args.whiten, kind=args.kind,
                         thumbnails=args.thumbnails, force=args.force, batch_size=args.batch_size,
@@ -145,6 +147,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.is_file():
         raise ConfigError(f"{args.out}: --out must be a folder")
     df = read_manifest(args.manifest)
+    args.model = model_dir(args.model)
     art = load_artifact(args.model, args.device)
     result = evaluate_model_retrieval(art, df, k=args.k, pca_dim=args.pca_dim, n_boot=args.n_boot, seed=args.seed,
                                       batch_size=args.batch_size, num_workers=args.num_workers,

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from covidcxr.cli._model import MODEL_HELP, model_dir
+
 
 def register(subparsers: Any) -> None:
     """Add the ``serve`` and ``explain`` commands.
@@ -20,7 +22,7 @@ def register(subparsers: Any) -> None:
         description="Load the model and index once and serve the page at / and the API at /api/v1 "
         "(OpenAPI docs at /docs). Binds to 127.0.0.1 unless --host says otherwise.",
     )
-    p.add_argument("--model", type=Path, required=True, help="model artifact folder (classifier or ensemble)")
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--index", type=Path, required=True, help="case index folder built with this model")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -38,7 +40,7 @@ def register(subparsers: Any) -> None:
         help="write a Grad-CAM heat map overlay of one image and its share of heat inside the lungs",
     )
     p.add_argument("image", type=Path, help="PNG, JPEG, TIFF or DICOM chest X-ray")
-    p.add_argument("--model", type=Path, required=True, help="model artifact folder (classifier or ensemble)")
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--mask", type=Path, default=None, help="lung mask image (default: predicted)")
     p.add_argument("--segmenter", type=Path, default=None,
@@ -52,6 +54,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from covidcxr.api import ServeSettings
     from covidcxr.web.app import serve
 
+    args.model = model_dir(args.model)
     settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                              keep_uploads=args.keep_uploads, k=args.k, segmenter_weights=args.segmenter,
                              device=args.device)
@@ -68,6 +71,7 @@ def _url_host(host: str) -> str:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from covidcxr.api import explain_file
 
+    args.model = model_dir(args.model)
     summary = explain_file(args.image, args.model, args.out, mask_path=args.mask,
                            segmenter_weights=args.segmenter, device=args.device)
     if args.json:

@@ -1,0 +1,19 @@
+"""The ``--model`` default shared by the commands that run a classifier: the model that ships with the package."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+MODEL_HELP = "model (or ensemble) artifact folder (default: the shipped classifier, see its MODEL_CARD.md)"
+
+
+def model_dir(path: Path | None) -> Path:
+    """``path``, or the shipped classifier's folder, announced on stderr so nobody mistakes whose model answered."""
+    from covidcxr.artifact import resolve_model_dir
+
+    folder, shipped = resolve_model_dir(path)
+    if shipped:
+        print(f"covidcxr: no --model given: using the shipped classifier ({folder}); research use and decision "
+              "support only, not a diagnostic device", file=sys.stderr)
+    return folder
