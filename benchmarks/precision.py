@@ -141,7 +141,8 @@ def main() -> None:
         *[f"- ISA {r['isa']} (oneDNN native bf16 {r['onednn_native_bf16']}): `auto` chose training "
           f"`{r['auto_choice']['training']}`, inference bf16 = {r['auto_choice']['inference_bf16']}." for r in runs],
         (f"Input {args.size} px; train batch {args.train_batch}, inference batch {args.infer_batch}; "
-         f"{args.steps} timed steps after {args.warmup} warm-up. Command: `python benchmarks/precision.py`."),
+         f"{args.steps} timed steps after {args.warmup} warm-up. Command: `python benchmarks/precision.py "
+         f"{' '.join(sys.argv[1:])}`."),
         "",
         "| ISA | arch | precision | memory format | train img/s | inference img/s |",
         "|---|---|---|---|---:|---:|",

@@ -120,3 +120,15 @@ def test_samples_are_attributed() -> None:
     for name in files:
         assert name in attribution
     assert "CC BY" in attribution
+
+
+def test_cli_explain_without_model_uses_the_shipped_one(tmp_path: Path, capsys) -> None:
+    from covidcxr.cli import main
+
+    sample = SAMPLES / "hannover_fff13f3a.png"
+    assert main(["explain", str(sample), "--out", str(tmp_path / "x"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "using the shipped classifier" in captured.err
+    summary = json.loads(captured.out)
+    assert 0.0 <= summary["probability"] <= 1.0
+    assert summary["threshold"] == pytest.approx(json.loads((SHIPPED_MODEL_DIR / "config.json").read_text())["threshold"])

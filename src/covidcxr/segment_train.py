@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from covidcxr.device import resolve_precision
+from covidcxr.device import default_num_workers, resolve_precision
 from covidcxr.errors import ConfigError, ManifestError
 from covidcxr.models import build_unet, unet_config
 from covidcxr.segment import WEIGHTS_NAME, source_key
@@ -402,7 +402,7 @@ def train_segmenter(
     seed: int = 0,
     accelerator: str = "auto",
     devices: int | str = 1,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     precision: str = "auto",
     resume: bool = False,
     force: bool = False,
@@ -432,7 +432,7 @@ def train_segmenter(
         seed: Seed of the split, the initial weights and the augmentation.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         devices: Devices to use (Lightning semantics).
-        num_workers: Data loader workers.
+        num_workers: Data loader workers (None: one per CPU beyond the main process).
         precision: ``'auto'`` (bf16 autocast) or a Lightning precision string.
         resume: Continue from ``out/checkpoints/last.ckpt`` (fresh start with a warning when it is missing).
         force: Start over although ``out`` holds checkpoints of an earlier run.
@@ -475,6 +475,8 @@ def train_segmenter(
     log.info("split (pairs per mask source):\n%s", counts.to_string())
 
     L.seed_everything(seed, workers=True, verbose=False)
+    if num_workers is None:
+        num_workers = default_num_workers()
     data = LungSegData(table, cfg["input_size"], batch_size=batch_size, num_workers=num_workers, augment=augment)
     module = LungSegModule(cfg, lr=lr, weight_decay=weight_decay, source_names=data.source_names)
     checkpoint = ModelCheckpoint(

@@ -33,8 +33,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu (default auto)")
     p.add_argument("--devices", default="1", help="number of devices, or 'auto' (default 1)")
-    p.add_argument("--num-workers", type=int, default=2, help="data loader workers (default 2)")
-    p.add_argument("--precision", default="auto", help="auto (bf16-mixed where supported), bf16-mixed, 32-true, ...")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loader workers (default: one per CPU beyond the main process)")
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16-mixed only where the hardware has native bf16, else 32-true), bf16-mixed, 32-true")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
     p.add_argument("--force", action="store_true", help="start over although OUT holds earlier checkpoints")
