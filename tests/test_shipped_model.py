@@ -102,7 +102,7 @@ def test_no_model_argument_means_the_shipped_model(caplog) -> None:
 def test_cli_predict_without_model_says_so(tmp_path: Path, capsys) -> None:
     from covidcxr.cli import main
 
-    sample = sorted(SAMPLES.glob("*.png"))[0]
+    sample = min(SAMPLES.glob("*.png"))
     out = tmp_path / "p.csv"
     assert main(["predict", str(sample), "--out", str(out)]) == 0
     captured = capsys.readouterr()
