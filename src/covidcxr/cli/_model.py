@@ -1,4 +1,4 @@
-"""The ``--model`` default shared by the commands that run a classifier: the model that ships with the package."""
+"""Defaults shared by the commands that run a classifier: the model that ships with the package, decoding threads."""
 
 from __future__ import annotations
 
@@ -17,3 +17,12 @@ def model_dir(path: Path | None) -> Path:
         print(f"covidcxr: no --model given: using the shipped classifier ({folder}); research use and decision "
               "support only, not a diagnostic device", file=sys.stderr)
     return folder
+
+
+def decode_threads(n: int | None) -> int:
+    """``--num-workers`` for image decoding: ``n``, or one thread per CPU this process may use."""
+    if n is not None:
+        return n
+    from covidcxr.device import available_cpus
+
+    return available_cpus()

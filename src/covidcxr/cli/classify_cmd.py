@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli._model import MODEL_HELP, model_dir
+from covidcxr.cli._model import MODEL_HELP, decode_threads, model_dir
 from covidcxr.errors import ConfigError
 
 _TRAIN_EPILOG = """\
@@ -107,7 +107,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plots and reports")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default: one per CPU)")
     p.add_argument("--n-boot", type=int, default=1000)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -199,7 +199,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.manifest}: no rows with split {args.split!r}")
     args.model = model_dir(args.model)
     art = load_artifact(args.model, args.device)
-    pred, _ = art.predict_manifest(df, batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
+    pred, _ = art.predict_manifest(df, batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
+                                   progress=True)
     pred["y"] = (pred["label"] == LABELS[1]).astype(int)
     result = evaluate_predictions(pred, art.threshold, args.out, n_boot=args.n_boot,
                                   title=f"{args.model.name} on {args.manifest.name} ({args.split})")

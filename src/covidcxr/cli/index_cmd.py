@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli._model import MODEL_HELP, model_dir
+from covidcxr.cli._model import MODEL_HELP, decode_threads, model_dir
 from covidcxr.errors import ConfigError
 
 
@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
 def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=2, help="image decoding threads")
+    p.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default: one per CPU)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -111,7 +111,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     art = load_artifact(args.model, args.device)
     index = build_index(art, df, args.out, pca_dim=args.pca_dim, whiten=args.whiten, kind=args.kind,
                         thumbnails=args.thumbnails, force=args.force, batch_size=args.batch_size,
-                        num_workers=args.num_workers, progress=args.progress, skip_bad=args.skip_bad,
+                        num_workers=decode_threads(args.num_workers), progress=args.progress, skip_bad=args.skip_bad,
                         info={"split": args.split})
     console = _console()
     console.print(f"index: {args.out}")
@@ -129,7 +129,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
     df = _manifest_split(args.manifest, args.split)
     art = load_artifact(args.model, args.device)
     index, n = add_to_index(args.index, art, df, thumbnails=args.thumbnails, skip_existing=args.skip_existing,
-                            batch_size=args.batch_size, num_workers=args.num_workers, progress=args.progress,
+                            batch_size=args.batch_size, num_workers=decode_threads(args.num_workers), progress=args.progress,
                             skip_bad=args.skip_bad)
     console = _console()
     console.print(f"added {n} case(s) to {args.index}")
@@ -150,7 +150,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     args.model = model_dir(args.model)
     art = load_artifact(args.model, args.device)
     result = evaluate_model_retrieval(art, df, k=args.k, pca_dim=args.pca_dim, n_boot=args.n_boot, seed=args.seed,
-                                      batch_size=args.batch_size, num_workers=args.num_workers,
+                                      batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
                                       progress=args.progress, skip_bad=args.skip_bad)
     result["manifest"] = str(args.manifest)
     header, rows = retrieval_table(result)
