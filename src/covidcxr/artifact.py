@@ -33,7 +33,7 @@ import torch
 from covidcxr import __version__
 from covidcxr.augment import build_eval_transform, standardise_intensity, to_cache_image
 from covidcxr.calibration import apply_temperature
-from covidcxr.device import inference_bf16, prefer_channels_last, resolve_device  # resolve_device: re-export
+from covidcxr.device import inference_bf16, prefer_channels_last, resolve_device
 from covidcxr.errors import ConfigError, CxrError, ModelError
 from covidcxr.io import file_sha256
 from covidcxr.models import CxrClassifier, create_classifier
@@ -85,14 +85,6 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelError(f"{path}: corrupt config (expected a JSON object)")
     return config
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast is used for inference on ``device``: only where bf16 is native (see :mod:`covidcxr.device`).
-
-    On CPUs without native bf16 (AVX2-only) autocast is emulated and many times slower than float32.
-    """
-    return inference_bf16(device, "auto")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,9 +372,9 @@ class ModelArtifact:
                 raise ModelError(f"{weights}: segmenter weights missing from the model artifact")
 
             try:
-                use_bf16 = bool(self.config.get("bf16_inference", True)) and bf16_supported(self.device)
-                self._segmenter = LungSegmenter.load(weights, device=str(self.device),
-                                                     precision="bf16" if use_bf16 else "fp32")
+                self._segmenter = LungSegmenter.load(
+                    weights, device=str(self.device),
+                    precision="auto" if self.config.get("bf16_inference", True) else "fp32")
             except CxrError:
                 raise
             except Exception as exc:  # any failure of a corrupt file surfaces as ModelError naming it
@@ -444,7 +436,7 @@ class ModelArtifact:
 
     # -- inference --------------------------------------------------------------------------------------
     def _autocast(self, bf16: bool | None) -> Any:
-        use = bool(self.config.get("bf16_inference", True)) and bf16_supported(self.device) if bf16 is None else bf16
+        use = bool(self.config.get("bf16_inference", True)) and inference_bf16(self.device) if bf16 is None else bf16
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if use else nullcontext()
 
     @torch.inference_mode()

@@ -46,25 +46,52 @@ def _resolve(root: str, value: str) -> str:
     return os.path.normpath(os.path.join(root, os.path.expanduser(value))) if value else ""
 
 
-def both_label_mask(df: pd.DataFrame) -> np.ndarray:
+_TRUTHY = frozenset({"true", "1", "1.0", "yes"})
+_FALSY = frozenset({"false", "0", "0.0", "no", "nan", "none", "<na>", ""})
+
+
+def as_flags(values: pd.Series, column: str = "source_has_both_labels") -> np.ndarray:
+    """Boolean flags from a column that a CSV round trip may have turned into text.
+
+    Raises:
+        ConfigError: A value that is neither true nor false (``astype(bool)`` would read "False" as True).
+    """
+    text = values.astype(str).str.strip().str.lower()
+    bad = sorted(set(text) - _TRUTHY - _FALSY)
+    if bad:
+        raise ConfigError(f"column {column!r} must be boolean, got {bad[:5]}")
+    return text.isin(_TRUTHY).to_numpy()
+
+
+def both_label_mask(
+    df: pd.DataFrame, reference: pd.DataFrame | None = None, label_col: str = "label"
+) -> tuple[np.ndarray | None, list[str]]:
     """Rows from sources that hold both labels, where a model cannot score by recognising the source.
 
-    Uses the ``source_has_both_labels`` column when present, else the ``source`` column (a source holding both
-    labels within ``df``); without either, every row counts.
+    The ``source_has_both_labels`` column is used when present; otherwise a source counts when ``reference``
+    (default ``df``) holds both labels for it.
 
     Args:
-        df: Manifest rows with ``label``.
+        df: Rows with ``source`` (and ``label_col``).
+        reference: Rows that decide which sources hold both labels (e.g. index + queries).
+        label_col: Label column (``label`` names or ``y`` 0/1).
 
     Returns:
-        Boolean array, one entry per row.
+        ``(boolean mask, or None without a source column, sorted source names)``.
+
+    Raises:
+        ConfigError: A ``source_has_both_labels`` value that is not boolean.
     """
     if "source_has_both_labels" in df.columns:
-        text = df["source_has_both_labels"].astype(str).str.strip().str.lower()
-        return text.isin({"true", "1", "1.0", "yes"}).to_numpy()
+        flag = as_flags(df["source_has_both_labels"])
+        names = sorted(df.loc[flag, "source"].astype(str).unique()) if "source" in df.columns else []
+        return flag, names
     if "source" not in df.columns:
-        return np.ones(len(df), dtype=bool)
-    n_labels = df.groupby("source")["label"].nunique()
-    return df["source"].isin(n_labels.index[n_labels == 2]).to_numpy()
+        return None, []
+    ref = reference if reference is not None and "source" in reference.columns else df
+    n_labels = ref.groupby(ref["source"].astype(str))[label_col].nunique()
+    names = sorted(n_labels.index[n_labels >= 2].tolist())
+    return df["source"].astype(str).isin(names).to_numpy(), names
 
 
 def read_manifest(path: str | Path, *, validate: bool = True) -> pd.DataFrame:

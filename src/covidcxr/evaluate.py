@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
 
+from covidcxr.data import both_label_mask
 from covidcxr.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -419,29 +420,6 @@ def _prepare_frame(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _as_flags(col: pd.Series) -> np.ndarray:
-    # CSV round trips turn booleans into strings; astype(bool) would read "False" as True.
-    text = col.astype(str).str.strip().str.lower()
-    truthy, falsy = {"true", "1", "1.0", "yes"}, {"false", "0", "0.0", "no", "nan", "none", "<na>", ""}
-    bad = sorted(set(text) - truthy - falsy)
-    if bad:
-        raise ConfigError(f"column 'source_has_both_labels' must be boolean, got {bad[:5]}")
-    return text.isin(truthy).to_numpy()
-
-
-def _both_label_mask(df: pd.DataFrame) -> tuple[np.ndarray | None, list[str]]:
-    """Rows from sources that have both labels (flag column if given, else both labels within ``df``)."""
-    if "source_has_both_labels" in df.columns:
-        flag = _as_flags(df["source_has_both_labels"])
-        names = sorted(df.loc[flag, "source"].unique().tolist()) if "source" in df.columns else []
-        return flag, names
-    if "source" not in df.columns:
-        return None, []
-    n_classes = df.groupby("source")["y"].nunique()
-    names = sorted(n_classes.index[n_classes == 2].tolist())
-    return df["source"].isin(names).to_numpy(), names
-
-
 def evaluate_predictions(
     df: pd.DataFrame,
     threshold: float,
@@ -503,7 +481,7 @@ def evaluate_predictions(
         if col in data.columns:
             for value in sorted(data[col].unique()):
                 result[key][value] = block((data[col] == value).to_numpy())
-    both_mask, both_names = _both_label_mask(data)
+    both_mask, both_names = both_label_mask(data, label_col="y")
     result["both_label_source_names"] = both_names
     result["both_label_sources"] = block(both_mask) if both_mask is not None and both_mask.any() else None
 

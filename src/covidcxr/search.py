@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covidcxr.data import both_label_mask  # public here too: the retrieval report's groups
 from covidcxr.embed import case_metadata, embed_manifest, embed_splits
 from covidcxr.errors import ConfigError, ImageError, IndexError_, IndexMismatchError
 from covidcxr.index import CaseIndex, Match, knn_vote_scores, retrieval_metrics
@@ -40,12 +41,6 @@ THUMBNAIL_SIZE = 128
 
 
 POSITIVE_LABEL = "covid"
-
-
-_TRUTHY = {"true", "1", "1.0", "yes"}
-
-
-_FALSY = {"false", "0", "0.0", "no", "nan", "none", "<na>", ""}
 
 
 def thumbnail_name(case_id: str) -> str:
@@ -476,35 +471,6 @@ def contact_sheet(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
-
-
-def _as_flags(values: pd.Series) -> np.ndarray:
-    text = values.astype(str).str.strip().str.lower()
-    bad = sorted(set(text) - _TRUTHY - _FALSY)
-    if bad:
-        raise ConfigError(f"column 'source_has_both_labels' must be boolean, got {bad[:5]}")
-    return text.isin(_TRUTHY).to_numpy()
-
-
-def both_label_mask(meta: pd.DataFrame, reference: pd.DataFrame | None = None) -> tuple[np.ndarray | None, list[str]]:
-    """Rows from sources that have both labels.
-
-    The ``source_has_both_labels`` column is used when present; otherwise a source counts when ``reference``
-    (default ``meta``) holds both labels for it.
-
-    Returns:
-        ``(boolean mask or None without a source column, sorted source names)``.
-    """
-    if "source_has_both_labels" in meta.columns:
-        flag = _as_flags(meta["source_has_both_labels"])
-        names = sorted(meta.loc[flag, "source"].astype(str).unique()) if "source" in meta.columns else []
-        return flag, names
-    if "source" not in meta.columns:
-        return None, []
-    ref = reference if reference is not None and "source" in reference.columns else meta
-    n_labels = ref.groupby(ref["source"].astype(str))["label"].nunique()
-    names = sorted(n_labels.index[n_labels >= 2].tolist())
-    return meta["source"].astype(str).isin(names).to_numpy(), names
 
 
 def _auc_with_ci(y: np.ndarray, p: np.ndarray, groups: np.ndarray, n_boot: int, seed: int) -> dict[str, Any] | None:

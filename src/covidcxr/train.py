@@ -37,7 +37,6 @@ from covidcxr.artifact import (
     MaskCache,
     ModelArtifact,
     prepare_image,
-    resolve_device,
     safe_auc,
     save_artifact,
 )
@@ -48,6 +47,7 @@ from covidcxr.device import (
     LIGHTNING_PRECISIONS,
     default_num_workers,
     prefer_channels_last,
+    resolve_device,
     resolve_precision,
     uses_cuda,
 )
@@ -687,11 +687,9 @@ def train_classifier(
         from covidcxr.segment import LungSegmenter
 
         seg_weights = segmenter_files(cfg.segmenter)[0]
-        from covidcxr.device import inference_bf16
-
         seg_device = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
         segmenter = LungSegmenter.load(seg_weights, device=seg_device, batch_size=32,
-                                       precision="bf16" if cfg.bf16_inference and inference_bf16(seg_device) else "fp32")
+                                       precision="auto" if cfg.bf16_inference else "fp32")
         mask_cache = MaskCache(cfg.mask_dir or out / "masks", file_sha256(seg_weights))
     t0 = time.perf_counter()
     cache, qc = build_image_cache(df, cfg.seg_mode, cache_size, segmenter=segmenter, mask_cache=mask_cache,
@@ -700,7 +698,9 @@ def train_classifier(
     log.info("cached %d images at %dpx in %.1fs", len(df), cache_size, cache_seconds)
 
     idx = {s: np.flatnonzero((df["split"] == s).to_numpy()) for s in ("train", "val", "test")}
-    both_all = both_label_mask(df)
+    both_all, _ = both_label_mask(df)
+    if both_all is None:  # no source column: every row counts as one where the source cannot give the label away
+        both_all = np.ones(len(df), dtype=bool)
     row_weight = np.where(both_all, float(cfg.both_label_weight), 1.0)
     train_ds = CachedImageDataset(cache[idx["train"]], y_all[idx["train"]], build_train_transform(aug),
                                   row_weight[idx["train"]], both_all[idx["train"]])
@@ -888,9 +888,9 @@ def _choose_val_threshold(val_pred: pd.DataFrame, cfg: TrainConfig, choose: Any)
     y, p = val_pred["y"].to_numpy(), val_pred["prob"].to_numpy()
     both = val_pred["source_has_both_labels"].to_numpy(dtype=bool)
     counts = np.bincount(y[both], minlength=2) if both.any() else np.zeros(2, dtype=int)
-    if cfg.threshold_rows == "both_labels" and counts.min() >= MIN_THRESHOLD_ROWS_PER_CLASS and not both.all():
-        return choose(y[both], p[both], cfg.threshold_method, cfg.target_sensitivity), "both_labels"
     if cfg.threshold_rows == "both_labels" and not both.all():
+        if counts.min() >= MIN_THRESHOLD_ROWS_PER_CLASS:
+            return choose(y[both], p[both], cfg.threshold_method, cfg.target_sensitivity), "both_labels"
         log.warning("only %d/%d validation rows of each class on two-label sources (< %d): threshold chosen on all "
                     "validation rows", counts[0], counts[1], MIN_THRESHOLD_ROWS_PER_CLASS)
     return choose(y, p, cfg.threshold_method, cfg.target_sensitivity), "all"
