@@ -159,7 +159,7 @@ def run_variant(key: str, df: pd.DataFrame, args: argparse.Namespace) -> dict[st
     """Train and evaluate one variant; returns its result entry."""
     import torch
 
-    from covidcxr.train import train_classifier
+    from covidcxr.classification.train import train_classifier
 
     spec = VARIANTS[key]
     out = args.out_dir / spec["name"]
@@ -215,7 +215,7 @@ def run_variant(key: str, df: pd.DataFrame, args: argparse.Namespace) -> dict[st
 
 def save_embeddings(result: dict[str, Any], df: pd.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
     """Embed every image with the chosen variant's artifact; write an npz with embeddings + case metadata."""
-    from covidcxr.artifact import load_artifact
+    from covidcxr.classification.artifact import load_artifact
 
     t0 = time.perf_counter()
     art = load_artifact(result["model_dir"])
@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     preflight(args.variants)
     import torch
 
-    from covidcxr.data import patient_split, read_manifest
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.data.split import patient_split
 
     torch.set_float32_matmul_precision("high")
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,20 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidcxr.evaluate import evaluate_predictions, format_metrics_table
+from covidcxr.evaluation.metrics import evaluate_predictions
+from covidcxr.evaluation.report import format_metrics_table
+from covidcxr.io.files import json_safe
 
 HERE = Path(__file__).resolve().parent
 
 
-def _json_safe(obj: object) -> object:
-    """NaN -> None recursively, so the file is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and np.isnan(obj):
-        return None
-    return obj
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json = args.results_dir / f"{args.name}.json"
     payload = {"embeddings": str(args.embeddings), "model_hash": str(z["model_hash"]), "threshold": args.threshold,
                "split": args.split, "result": result}
-    out_json.write_text(json.dumps(_json_safe(payload), indent=2, default=str))
+    out_json.write_text(json.dumps(json_safe(payload), indent=2, default=str))
     header = (f"Model hash {z['model_hash']}; threshold {args.threshold:.4f} (chosen on validation); split "
               f"`{args.split}`; 95 % patient-bootstrap CIs ({args.n_boot} replicates); ECE {result['ece']:.3f}.")
     command = (f"Command: `python benchmarks/classification_full_metrics.py --embeddings {args.embeddings} "

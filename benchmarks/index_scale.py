@@ -42,7 +42,7 @@ from _machine import cpu_model  # benchmarks/_machine.py (the script's folder is
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 
-from covidcxr.index import CaseIndex
+from covidcxr.retrieval.index import CaseIndex
 
 logger = logging.getLogger("index_scale")
 K = 10

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from _machine import cpu_flags, cpu_model  # benchmarks/_machine.py
 
 from covidcxr.device import cpu_capability, cpu_native_bf16, inference_bf16, resolve_precision
-from covidcxr.models import create_classifier
+from covidcxr.models.classifier import create_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

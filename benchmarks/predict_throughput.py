@@ -34,7 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def sample(manifest: Path, n: int, seed: int) -> list[str]:
-    from covidcxr.data import read_manifest
+    from covidcxr.data.manifest import read_manifest
 
     df = read_manifest(manifest)
     per = max(1, n // df["source"].nunique())
@@ -53,7 +53,8 @@ def _timed(fn, *args, **kwargs):
 
 def stages(model_dir: Path, paths: list[str], batch_size: int) -> dict:
     """Stage timings of the predict path with the model loaded, plus bare forward passes."""
-    from covidcxr.artifact import decode_images, load_artifact, prepare_image
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.classification.loop import decode_images
 
     art = load_artifact(model_dir, "cpu")
     seg = art.segmenter
@@ -62,11 +63,9 @@ def stages(model_dir: Path, paths: list[str], batch_size: int) -> dict:
     probs, t_seg_fwd = _timed(seg.predict_proba, images)
     results, t_post = _timed(lambda: [seg._result(im, p) for im, p in zip(images, probs)])
     masks, qc = [r.mask for r in results], [list(r.qc_flags) for r in results]
-    cache = int(art.config["cache_size"])
 
     def prep() -> torch.Tensor:
-        return torch.stack([art.preprocess_cached(prepare_image(im, m, art.seg_mode, cache, f, art.intensity))
-                            for im, m, f in zip(images, masks, qc)])
+        return art.preprocess_batch(images, masks, qc)
 
     x, t_prep = _timed(prep)
     _, t_cls = _timed(art.forward_batches, x, batch_size=batch_size)
@@ -75,14 +74,14 @@ def stages(model_dir: Path, paths: list[str], batch_size: int) -> dict:
 
     # Bare forward passes: the networks alone on ready tensors, same batch size / precision / memory format.
     model = art.model
-    use_bf16 = isinstance(art._autocast(None), torch.autocast)
+    use_bf16 = isinstance(art.autocast(), torch.autocast)
 
     def bare_cls() -> None:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             for s in range(0, len(x), batch_size):
                 model(x[s : s + batch_size].contiguous(memory_format=art.memory_format))
 
-    from covidcxr.transforms import prepare_batch
+    from covidcxr.transforms.joint import prepare_batch
 
     xs = prepare_batch(images, seg.config).contiguous(memory_format=seg.memory_format)
 
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "predict_throughput.json")
     args = p.parse_args(argv)
-    from covidcxr.artifact import resolve_model_dir
+    from covidcxr.classification.artifact import resolve_model_dir
 
     model_dir, _ = resolve_model_dir(args.model)
     paths = sample(args.manifest, args.n, args.seed)

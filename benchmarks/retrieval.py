@@ -101,9 +101,10 @@ def both_label_flags(meta: pd.DataFrame, manifest: Path | None) -> pd.DataFrame:
 
 def embed_here(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFrame, dict[str, Any]]:
     """Embed every train and test image of the manifest with the model (this machine)."""
-    from covidcxr.artifact import load_artifact
-    from covidcxr.data import patient_split, read_manifest
-    from covidcxr.embed import embed_manifest
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.data.split import patient_split
+    from covidcxr.retrieval.embed import embed_manifest
 
     df = read_manifest(args.manifest)
     if "split" not in df.columns:
@@ -123,8 +124,8 @@ def embed_here(args: argparse.Namespace) -> tuple[np.ndarray, pd.DataFrame, dict
 def search_latency(train_emb: np.ndarray, train_meta: pd.DataFrame, queries: np.ndarray, pca_dim: int | None,
                    k: int) -> dict[str, float]:
     """p50/p99 single-query latency (ms) of an exact index with one FAISS thread."""
-    from covidcxr.index import CaseIndex
-    from covidcxr.search import faiss_threads
+    from covidcxr.retrieval.index import CaseIndex
+    from covidcxr.retrieval.workflow import faiss_threads
 
     meta = pd.DataFrame({"case_id": [f"c{i}" for i in range(len(train_meta))],
                          "patient_id": train_meta["patient_id"].astype(str), "label": train_meta["label"].astype(str)})
@@ -160,7 +161,8 @@ def _fmt(v: Any) -> str:
 
 def write_reports(report: dict[str, Any], results_dir: Path) -> None:
     """retrieval.json and retrieval.md."""
-    from covidcxr.search import json_safe, retrieval_markdown
+    from covidcxr.io.files import json_safe
+    from covidcxr.retrieval.report import retrieval_markdown
 
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "retrieval.json").write_text(json.dumps(json_safe(report), indent=2) + "\n")
@@ -199,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("covidcxr.evaluate").setLevel(logging.WARNING)  # per-metric bootstrap notes are noise here
-    from covidcxr.search import evaluate_retrieval
+    logging.getLogger("covidcxr.evaluation").setLevel(logging.WARNING)  # per-metric bootstrap notes are noise here
+    from covidcxr.retrieval.metrics import evaluate_retrieval
 
     if args.embeddings is not None:
         emb, meta, info = load_npz(args.embeddings)

@@ -33,9 +33,10 @@ import pandas as pd
 import torch
 
 from covidcxr.errors import CxrError
-from covidcxr.io import load_image
-from covidcxr.segment import LungSegmenter, dice_table, evaluate_masks
-from covidcxr.segment_train import read_seg_manifest, select_pairs, select_split
+from covidcxr.io.image import load_image
+from covidcxr.segmentation.evaluate import dice_table, evaluate_masks
+from covidcxr.segmentation.segmenter import LungSegmenter
+from covidcxr.segmentation.train import read_seg_manifest, select_pairs, select_split
 
 logger = logging.getLogger("segmentation_benchmark")
 TARGETS = {"scr": 0.96, "ieee8023": 0.92, "images_per_s": 15.0}

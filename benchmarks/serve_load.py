@@ -105,8 +105,8 @@ def build_toy(root: Path, args: argparse.Namespace) -> tuple[Path, Path, dict[st
 def make_upload(root: Path, args: argparse.Namespace) -> tuple[bytes, str]:
     if args.image is not None:
         return args.image.read_bytes(), args.image.name
-    from covidcxr.io import save_png
-    from covidcxr.synth import draw_cxr
+    from covidcxr.data.synth import draw_cxr
+    from covidcxr.io.files import save_png
 
     image, _, _ = draw_cxr(np.random.default_rng(0), "covid", size=args.image_size)
     path = save_png(root / "upload.png", image)

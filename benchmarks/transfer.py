@@ -114,8 +114,8 @@ def per_source_operating_point(pred: pd.DataFrame, threshold: float) -> dict[str
 
 
 def run_one(variant: str, seed: int, df: pd.DataFrame, args: argparse.Namespace) -> dict[str, Any]:
-    from covidcxr.artifact import load_artifact
-    from covidcxr.train import train_classifier
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.classification.train import train_classifier
 
     settings = {**BASE, **VARIANTS[variant]}
     out = args.out_dir / f"{variant}_s{seed}"
@@ -134,7 +134,7 @@ def run_one(variant: str, seed: int, df: pd.DataFrame, args: argparse.Namespace)
 
     # The alternative operating point, for comparison: Youden's J on *all* validation rows (the easy single-source
     # negatives included) instead of the two-label-source rows the stored threshold was chosen on.
-    from covidcxr.evaluate import choose_threshold
+    from covidcxr.evaluation.metrics import choose_threshold
 
     val_pred = pd.read_csv(out / "val_predictions.csv")
     t_all = choose_threshold(val_pred["y"].to_numpy(), val_pred["prob"].to_numpy(), "youden")
@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from covidcxr.data import patient_split, read_manifest
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.data.split import patient_split
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     df = read_manifest(args.manifest)

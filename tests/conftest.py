@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def synth_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Manifest path of a small synthetic cohort (24 patients, 128 px, seed 0, PNG and DICOM images)."""
-    from covidcxr.synth import make_cohort
+    from covidcxr.data.synth import make_cohort
 
     return make_cohort(tmp_path_factory.mktemp("synth_cohort"), n_patients=24, seed=0, size=128)
 
@@ -20,9 +20,10 @@ def make_tiny_artifact():
     """Factory of tiny untrained resnet18 artifacts (32 px, no segmentation): ``make(directory, seed) -> Path``."""
     import torch
 
-    from covidcxr.artifact import save_artifact
-    from covidcxr.augment import cache_size_for
-    from covidcxr.models import IMAGENET_MEAN, IMAGENET_STD, create_classifier
+    from covidcxr.classification.artifact import save_artifact
+    from covidcxr.models.classifier import create_classifier
+    from covidcxr.models.registry import IMAGENET_MEAN, IMAGENET_STD
+    from covidcxr.transforms.augment import cache_size_for
 
     def make(directory: Path, seed: int, size: int = 32) -> Path:
         torch.manual_seed(seed)

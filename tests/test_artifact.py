@@ -10,19 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr.artifact import (
-    EnsembleArtifact,
-    MaskCache,
-    ModelArtifact,
-    build_ensemble,
-    load_artifact,
-    prepare_image,
-    save_artifact,
-)
-from covidcxr.augment import build_eval_transform, cache_size_for
+from covidcxr.classification.artifact import load_artifact, save_artifact
+from covidcxr.classification.ensemble import build_ensemble
+from covidcxr.classification.inference import EnsembleArtifact, ModelArtifact
+from covidcxr.classification.loop import MaskCache
 from covidcxr.errors import ConfigError, ModelError
-from covidcxr.io import file_sha256
-from covidcxr.models import IMAGENET_MEAN, IMAGENET_STD, create_classifier
+from covidcxr.io.files import file_sha256
+from covidcxr.models.classifier import create_classifier
+from covidcxr.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from covidcxr.transforms.augment import cache_size_for
+from covidcxr.transforms.preprocess import PreprocessCfg, preprocess
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 SIZE = 32
@@ -82,13 +79,14 @@ def test_config_records_provenance(art_dir: Path) -> None:
     assert cfg["segmenter"] is None
 
 
-def test_preprocess_matches_training_eval_transform(art_dir: Path) -> None:
+def test_preprocess_is_the_one_function_of_the_stored_config(art_dir: Path) -> None:
     art = load_artifact(art_dir, "cpu")
     image = _images(1)[0]
     x = art.preprocess(image)
     assert x.shape == (1, SIZE, SIZE) and x.dtype == torch.float32
-    expected = build_eval_transform(SIZE)(prepare_image(image, None, "none", cache_size_for(SIZE)))
+    expected = preprocess(image, None, PreprocessCfg.from_config(art.config))
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    assert art.preprocess_cfg == PreprocessCfg(SIZE, "none", "none")
 
 
 def test_embed_is_l2_normalised(art_dir: Path) -> None:
@@ -196,7 +194,7 @@ def test_ensemble_averages_member_probabilities(members: list[Path], tmp_path: P
 
 
 def test_ensemble_threshold_rechosen_on_shared_validation(members: list[Path], tmp_path: Path) -> None:
-    from covidcxr.evaluate import choose_threshold
+    from covidcxr.evaluation.metrics import choose_threshold
 
     out = build_ensemble(members, tmp_path / "ens")
     vals = [pd.read_csv(m / "val_predictions.csv") for m in members]
@@ -248,8 +246,8 @@ def test_ensemble_refuses_single_member_and_existing_out(members: list[Path], tm
 @pytest.fixture(scope="module")
 def tiny_segmenter(tmp_path_factory) -> Path:
     """An untrained tiny U-Net with zero weights: probability 0.5 everywhere, i.e. the whole image is 'lung'."""
-    from covidcxr.models import build_unet
-    from covidcxr.segment import save_unet
+    from covidcxr.models.unet import build_unet
+    from covidcxr.segmentation.weights import save_unet
 
     cfg = {"channels": [4, 8], "strides": [2], "num_res_units": 0, "input_size": 32}
     net = build_unet(cfg)
@@ -284,15 +282,15 @@ def test_seg_mode_changes_input(tmp_path: Path) -> None:
     image = _images(1)[0]
     mask = np.zeros(image.shape, np.uint8)
     mask[10:40, 10:30] = 1
-    none = prepare_image(image, None, "none", 40)
-    masked = prepare_image(image, mask, "mask", 40)
-    crop = prepare_image(image, mask, "crop", 40)
+    none = preprocess(image, None, PreprocessCfg(40, "none"))
+    masked = preprocess(image, mask, PreprocessCfg(40, "mask"))
+    crop = preprocess(image, mask, PreprocessCfg(40, "crop"))
     assert none.shape == masked.shape == crop.shape == (1, 40, 40)
     assert not torch.equal(none, masked) and not torch.equal(none, crop)
     with pytest.raises(ConfigError, match="needs a lung mask"):
-        prepare_image(image, None, "crop", 40)
+        preprocess(image, None, PreprocessCfg(40, "crop"))
     with pytest.raises(ConfigError, match="unknown segmentation mode 'lungs'"):
-        prepare_image(image, mask, "lungs", 40)
+        preprocess(image, mask, PreprocessCfg(40, "lungs"))
 
 
 def test_mask_cache_round_trip(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from covidcxr.api import ServeSettings
-from covidcxr.io import save_png
-from covidcxr.synth import draw_cxr
+from covidcxr.data.synth import draw_cxr
+from covidcxr.io.files import save_png
+from covidcxr.service.analysis import ServeSettings
 from covidcxr.web.app import create_app
 from covidcxr.web.toy import make_toy_assets
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from covidcxr.calibration import apply_temperature, fit_temperature, nll
 from covidcxr.errors import ConfigError
-from covidcxr.evaluate import expected_calibration_error
+from covidcxr.evaluation.calibration import apply_temperature, fit_temperature, nll
+from covidcxr.evaluation.metrics import expected_calibration_error
 
 
 def _miscalibrated(scale: float, n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +62,7 @@ def test_bad_inputs_raise(margins, y, t, pattern) -> None:
 def test_artifact_applies_the_stored_temperature(tmp_path, make_tiny_artifact) -> None:
     import json
 
-    from covidcxr.artifact import load_artifact
+    from covidcxr.classification.artifact import load_artifact
 
     directory = make_tiny_artifact(tmp_path / "m", seed=0)
     art = load_artifact(directory, "cpu")

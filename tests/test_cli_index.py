@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from covidcxr.cli import main
-from covidcxr.data import patient_split, read_manifest
+from covidcxr.data.manifest import read_manifest
+from covidcxr.data.split import patient_split
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 SIZE = 32

@@ -11,20 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidcxr.data import (
-    LABELS,
-    SPLITS,
-    find_near_duplicates,
-    manifest_from_folder,
-    patient_groups,
-    patient_split,
-    read_manifest,
-    split_balance,
-    summarize,
-    validate_manifest,
-    write_manifest,
-)
+from covidcxr.data.duplicates import find_near_duplicates
+from covidcxr.data.manifest import manifest_from_folder, read_manifest, summarize, validate_manifest, write_manifest
+from covidcxr.data.split import patient_groups, patient_split, split_balance
 from covidcxr.errors import ConfigError, ManifestError, SplitError
+from covidcxr.vocab import LABELS, SPLITS
 
 
 def _png(path: Path, rng: np.random.Generator) -> Path:

@@ -54,25 +54,25 @@ def test_auto_inference_is_float32_without_native_bf16(what: str, tmp_path, make
     if what == "inference":
         assert device.inference_bf16("cpu", "auto") is False
     elif what == "segmentation":
-        from covidcxr.models import build_unet
-        from covidcxr.segment import LungSegmenter
+        from covidcxr.models.unet import build_unet
+        from covidcxr.segmentation.segmenter import LungSegmenter
 
         seg = LungSegmenter(build_unet(channels=[4, 8], strides=[2], input_size=32), {"channels": [4, 8],
                             "strides": [2], "input_size": 32})
         assert seg.precision == "fp32"
     else:
-        from covidcxr.artifact import load_artifact
+        from covidcxr.classification.artifact import load_artifact
 
         art = load_artifact(make_tiny_artifact(tmp_path / "m", seed=0), "cpu")
-        assert not isinstance(art._autocast(None), torch.autocast)
+        assert not isinstance(art.autocast(), torch.autocast)
 
 
 @pytest.mark.usefixtures("native_bf16")
 def test_auto_inference_is_bf16_with_native_bf16(tmp_path, make_tiny_artifact) -> None:
-    from covidcxr.artifact import load_artifact
+    from covidcxr.classification.artifact import load_artifact
 
     art = load_artifact(make_tiny_artifact(tmp_path / "m", seed=0), "cpu")
-    assert isinstance(art._autocast(None), torch.autocast)
+    assert isinstance(art.autocast(), torch.autocast)
 
 
 @pytest.mark.parametrize("bad", ["fp8", "", "bf16-true-ish"])
@@ -90,9 +90,9 @@ def test_default_workers_follow_the_machine(monkeypatch: pytest.MonkeyPatch, cpu
 
 
 def test_train_config_takes_workers_and_normalisation_from_machine_and_arch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from covidcxr.train import TrainConfig
+    from covidcxr.classification.train import TrainConfig
 
-    monkeypatch.setattr("covidcxr.train.default_num_workers", lambda: 3)
+    monkeypatch.setattr("covidcxr.classification.train.default_num_workers", lambda: 3)
     cfg = TrainConfig(arch="efficientnet_lite0")
     assert cfg.num_workers == 3
     assert cfg.normalization == "inception"  # what the TF-trained ImageNet weights expect

@@ -11,22 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr.artifact import load_artifact
-from covidcxr.data import patient_split, read_manifest
-from covidcxr.embed import case_metadata, embed_manifest, select_split
+from covidcxr.classification.artifact import load_artifact
+from covidcxr.data.manifest import both_label_mask, read_manifest
+from covidcxr.data.split import patient_split, select_split
+from covidcxr.demo import run_index_demo
 from covidcxr.errors import ConfigError, ImageReadError, IndexMismatchError
-from covidcxr.index import CaseIndex, Match
-from covidcxr.io import load_image
-from covidcxr.search import (
-    add_to_index,
-    both_label_mask,
-    build_index,
-    contact_sheet,
-    evaluate_model_retrieval,
-    evaluate_retrieval,
-    run_index_demo,
-    search_image,
-)
+from covidcxr.io.image import load_image
+from covidcxr.retrieval.embed import case_metadata, embed_manifest
+from covidcxr.retrieval.index import CaseIndex, Match
+from covidcxr.retrieval.metrics import evaluate_retrieval
+from covidcxr.retrieval.report import contact_sheet, evaluate_model_retrieval
+from covidcxr.retrieval.workflow import add_to_index, build_index, search_image
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 SIZE = 32
@@ -78,7 +73,7 @@ def test_bad_image_is_named_or_skipped(art, df: pd.DataFrame, tmp_path: Path, ca
     rows = pd.concat([df.head(3), df.head(1).assign(image=str(bad))], ignore_index=True)
     with pytest.raises(ImageReadError, match=r"broken\.png: .*manifest row 3"):
         embed_manifest(art, rows, progress=False)
-    with caplog.at_level(logging.WARNING, logger="covidcxr.embed"):
+    with caplog.at_level(logging.WARNING, logger="covidcxr.classification.loop"):
         emb, kept = embed_manifest(art, rows, progress=False, skip_bad=True)
     assert len(emb) == len(kept) == 3 and str(bad) not in kept["image"].tolist()
     assert "broken.png" in caplog.text
@@ -172,7 +167,7 @@ def test_search_image_excludes_patient(art, df: pd.DataFrame, tmp_path: Path) ->
 def test_contact_sheet_written(tmp_path: Path) -> None:
     from PIL import Image
 
-    from covidcxr.io import save_png
+    from covidcxr.io.files import save_png
 
     img = np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(40, 30)
     save_png(tmp_path / "case.png", img)

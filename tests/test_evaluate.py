@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from covidcxr.errors import ConfigError
-from covidcxr.evaluate import (
+from covidcxr.evaluation.metrics import (
     METRICS,
     _weighted_metrics,
     binary_metrics,
@@ -18,8 +18,8 @@ from covidcxr.evaluate import (
     choose_threshold,
     evaluate_predictions,
     expected_calibration_error,
-    format_metrics_table,
 )
+from covidcxr.evaluation.report import format_metrics_table
 
 # Hand-made prediction set: 4 COVID (y=1), 6 non-COVID, threshold 0.5 (positive when p >= 0.5).
 HAND_Y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -406,6 +406,6 @@ def test_evaluate_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, covidcxr.evaluate; print('torch' in sys.modules)"
+    code = "import sys, covidcxr.evaluation.metrics, covidcxr.evaluation.report; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

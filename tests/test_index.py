@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import covidcxr.index as index_mod
-from covidcxr.errors import ConfigError, IndexError_, IndexMismatchError, NotFittedError
-from covidcxr.index import CaseIndex, Match, knn_vote_scores, retrieval_metrics
+import covidcxr.retrieval.index as index_mod
+from covidcxr.errors import CaseIndexError, ConfigError, IndexMismatchError, NotFittedError
+from covidcxr.retrieval.index import CaseIndex, Match
+from covidcxr.retrieval.metrics import knn_vote_scores, retrieval_metrics
 
 
 def clustered(n: int, dim: int, seed: int = 0, n_clusters: int = 8, spread: float = 0.35) -> np.ndarray:
@@ -228,9 +229,9 @@ def test_load_refuses_mismatches(tmp_path, data):
     with pytest.raises(IndexMismatchError, match="dimension 24 but the header says 12"):
         CaseIndex.load(path)
     (path / "header.json").write_text(json.dumps({**header, "count": 5}))
-    with pytest.raises(IndexError_, match="inconsistent counts"):
+    with pytest.raises(CaseIndexError, match="inconsistent counts"):
         CaseIndex.load(path)
-    with pytest.raises(IndexError_, match="no such index directory"):
+    with pytest.raises(CaseIndexError, match="no such index directory"):
         CaseIndex.load(tmp_path / "nope")
 
 
@@ -281,7 +282,7 @@ def test_save_refuses_to_replace_a_foreign_directory(tmp_path, data):
     x, meta = data
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.png").write_bytes(b"x")
-    with pytest.raises(IndexError_, match="not a case index"):
+    with pytest.raises(CaseIndexError, match="not a case index"):
         CaseIndex().fit(x, meta).save(tmp_path / "photos")
     assert (tmp_path / "photos" / "cat.png").exists()
 
@@ -345,7 +346,7 @@ def test_bad_search_and_add_input_messages(data):
 
 
 def test_index_module_does_not_import_torch():
-    code = "import sys, covidcxr.index; print('torch' in sys.modules)"
+    code = "import sys, covidcxr.retrieval.index; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

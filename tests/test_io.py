@@ -15,7 +15,9 @@ from PIL import Image
 from pydicom import uid
 
 from covidcxr.errors import ConfigError, ImageReadError, ImageTooLargeError, UnsupportedImageError
-from covidcxr.io import ImageMeta, load_image, load_image_bytes, save_png, write_dicom
+from covidcxr.io.dicom import write_dicom
+from covidcxr.io.files import save_png
+from covidcxr.io.image import ImageMeta, load_image, load_image_bytes
 
 
 @pytest.fixture

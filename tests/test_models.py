@@ -9,13 +9,9 @@ import torch
 from torch import nn
 
 from covidcxr.errors import ConfigError, PretrainedWeightsError
-from covidcxr.models import (
-    CxrClassifier,
-    create_classifier,
-    gradcam_target_layer,
-    imagenet_weights_file,
-    list_architectures,
-)
+from covidcxr.models.classifier import CxrClassifier, create_classifier, gradcam_target_layer
+from covidcxr.models.pretrained import imagenet_weights_file
+from covidcxr.models.registry import list_architectures
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 
@@ -162,7 +158,7 @@ def test_pretrained_path_missing_raises(tmp_path) -> None:
 
 
 def test_imagenet_offline_without_cache_names_the_file(tmp_path, monkeypatch) -> None:
-    from covidcxr import models
+    from covidcxr.models import pretrained as models
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(models, "_network_available", lambda *a, **k: False)
@@ -185,7 +181,7 @@ def test_imagenet_offline_env_switch(tmp_path, monkeypatch) -> None:
 
 
 def test_imagenet_uses_cached_file_without_network(tmp_path, monkeypatch) -> None:
-    from covidcxr import models
+    from covidcxr.models import pretrained as models
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(models, "_network_available", lambda *a, **k: pytest.fail("network checked"))
@@ -216,12 +212,13 @@ def _grace_hopper(size: int) -> torch.Tensor:
 @pytest.mark.parametrize("normalization", ["imagenet", "inception"])
 def test_efficientnet_lite0_imagenet_weights_recognise_a_photograph(normalization: str, monkeypatch) -> None:
     """A wrong key mapping, wrong padding or BN epsilon cannot put Grace Hopper's uniform on top."""
-    from covidcxr import models
+    from covidcxr.models import pretrained as models
+    from covidcxr.models import registry
 
     monkeypatch.setenv("COVIDCXR_OFFLINE", "1")
     monkeypatch.setattr(models, "_network_available", lambda *a, **k: pytest.fail("network checked"))
     net = models.imagenet_network("efficientnet_lite0").eval()
-    mean, std = models.NORMALIZATIONS[normalization]
+    mean, std = registry.NORMALIZATIONS[normalization]
     x = (_grace_hopper(224) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         prob = net(x).softmax(1)[0]
@@ -231,11 +228,12 @@ def test_efficientnet_lite0_imagenet_weights_recognise_a_photograph(normalizatio
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_larger_lites_load_offline_and_agree(arch: str) -> None:
-    from covidcxr import models
+    from covidcxr.models import pretrained as models
+    from covidcxr.models import registry
 
     net = models.imagenet_network(arch).eval()
-    size = models.get_arch_spec(arch).pretrained_cfg.input_size
-    mean, std = models.NORMALIZATIONS["inception"]
+    size = registry.get_arch_spec(arch).pretrained_cfg.input_size
+    mean, std = registry.NORMALIZATIONS["inception"]
     x = (_grace_hopper(size) - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         top5 = net(x).topk(5).indices[0].tolist()
@@ -252,7 +250,9 @@ def test_lite_classifier_gets_grey_stem_and_two_class_head() -> None:
 
 
 def test_lite_mapping_rejects_foreign_keys() -> None:
-    from covidcxr.models import _build_network, get_arch_spec, map_efficientnet_lite_state
+    from covidcxr.models.classifier import _build_network
+    from covidcxr.models.pretrained import map_efficientnet_lite_state
+    from covidcxr.models.registry import get_arch_spec
 
     net = _build_network(get_arch_spec("efficientnet_lite0"), meta=True)
     with pytest.raises(PretrainedWeightsError, match=r"key '_blocks\.0\._se_reduce\.weight' has no counterpart"):

@@ -11,20 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
+from covidcxr.demo import run_segmentation_demo
 from covidcxr.errors import ConfigError, ModelError, PretrainedWeightsError
-from covidcxr.models import DEFAULT_UNET_CONFIG, build_unet, unet_config
-from covidcxr.segment import (
-    LungSegmenter,
-    apply_seg_mode,
-    dice_score,
-    load_unet,
-    postprocess,
-    qc_flags,
-    run_segmentation_demo,
-    save_unet,
-    shipped_weights_available,
-    source_key,
-)
+from covidcxr.models.unet import DEFAULT_UNET_CONFIG, build_unet, unet_config
+from covidcxr.segmentation.evaluate import dice_score, source_key
+from covidcxr.segmentation.segmenter import LungSegmenter, postprocess, qc_flags
+from covidcxr.segmentation.weights import load_unet, save_unet, shipped_weights_available
+from covidcxr.transforms.lung import apply_seg_mode
 
 TINY = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "input_size": 32}
 NO_SHIPPED = "shipped weights not trained yet"
@@ -115,7 +108,7 @@ def test_load_errors(tmp_path: Path) -> None:
 
 
 def test_missing_shipped_weights_say_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from covidcxr import segment
+    from covidcxr.segmentation import weights as segment
 
     monkeypatch.setattr(segment, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(PretrainedWeightsError, match="segment train"):
@@ -255,7 +248,7 @@ def test_seg_mode_crop_outside_image_is_zero_padded() -> None:
 @pytest.mark.parametrize("mode", ["mask", "crop"])
 def test_seg_mode_empty_mask_falls_back(mode: str, caplog: pytest.LogCaptureFixture) -> None:
     image, flags = _graded_image(), ["asymmetric"]
-    with caplog.at_level(logging.WARNING, logger="covidcxr.segment"):
+    with caplog.at_level(logging.WARNING, logger="covidcxr.segmentation"):
         out = apply_seg_mode(image, np.zeros((64, 64)), mode, flags=flags)
     assert np.array_equal(out, image)
     assert flags == ["asymmetric", "seg_fallback"]
@@ -285,7 +278,7 @@ def test_seg_mode_errors(args: tuple, match: str) -> None:
 # --------------------------------------------------------------------------------------------- shipped weights
 @pytest.mark.skipif(not shipped_weights_available(), reason=NO_SHIPPED)
 def test_shipped_weights_give_plausible_mask_on_synthetic_cxr() -> None:
-    from covidcxr.synth import draw_cxr
+    from covidcxr.data.synth import draw_cxr
 
     segmenter = LungSegmenter.load()
     rng = np.random.default_rng(3)
@@ -346,8 +339,8 @@ def test_cli_evaluate_prints_dice_table(synth_cohort: Path, tiny_weights: Path, 
 
 
 def test_cli_install_copies_weights(tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from covidcxr import segment
     from covidcxr.cli import main
+    from covidcxr.segmentation import weights as segment
 
     monkeypatch.setattr(segment, "WEIGHTS_DIR", tmp_path / "pkg")
     assert main(["segment", "install", str(tiny_weights)]) == 0
@@ -367,7 +360,7 @@ def test_mask_mode_keeps_the_exact_euclidean_dilation() -> None:
     """The fast OpenCV distance transform keeps exactly the pixels scipy's exact EDT keeps."""
     from scipy import ndimage as ndi
 
-    from covidcxr.segment import apply_seg_mode
+    from covidcxr.transforms.lung import apply_seg_mode
 
     rng = np.random.default_rng(3)
     image = rng.random((180, 150), dtype=np.float32) + 0.01

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from covidcxr.errors import ConfigError, ManifestError
-from covidcxr.segment import LungSegmenter, install_weights
-from covidcxr.segment_train import (
+from covidcxr.segmentation.segmenter import LungSegmenter
+from covidcxr.segmentation.train import (
     LungSegModule,
     dice_per_image,
     read_seg_manifest,
@@ -20,6 +20,7 @@ from covidcxr.segment_train import (
     split_pairs,
     train_segmenter,
 )
+from covidcxr.segmentation.weights import install_weights
 
 TINY = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "input_size": 32}
 
@@ -27,8 +28,8 @@ TINY = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "input_si
 @pytest.fixture(scope="module")
 def pair_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 synthetic image/mask pairs from 12 patients of two datasets; 4 images carry a second annotator's mask."""
-    from covidcxr.io import save_png
-    from covidcxr.synth import draw_cxr
+    from covidcxr.data.synth import draw_cxr
+    from covidcxr.io.files import save_png
 
     root = tmp_path_factory.mktemp("pairs")
     (root / "images").mkdir()
@@ -94,7 +95,7 @@ def test_dice_per_image() -> None:
 
 
 def test_tiny_training_loss_falls() -> None:
-    from covidcxr.synth import draw_cxr
+    from covidcxr.data.synth import draw_cxr
 
     rng = np.random.default_rng(1)
     pairs = [draw_cxr(rng, "non_covid", size=32)[:2] for _ in range(8)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from covidcxr.artifact import SHIPPED_MODEL_DIR, load_artifact, resolve_model_dir, shipped_model_dir
+from covidcxr.classification.artifact import SHIPPED_MODEL_DIR, load_artifact, resolve_model_dir, shipped_model_dir
 from covidcxr.errors import ModelError
 
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "covidcxr" / "samples"
@@ -30,7 +30,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _images(n: int = 3) -> list[np.ndarray]:
-    from covidcxr.synth import draw_cxr
+    from covidcxr.data.synth import draw_cxr
 
     rng = np.random.default_rng(0)
     return [draw_cxr(rng, i % 2, 256)[0] for i in range(n)]
@@ -92,7 +92,7 @@ def test_shipped_model_checks_the_referenced_segmenter(tmp_path: Path) -> None:
 def test_no_model_argument_means_the_shipped_model(caplog) -> None:
     import logging
 
-    with caplog.at_level(logging.INFO, logger="covidcxr.artifact"):
+    with caplog.at_level(logging.INFO, logger="covidcxr.classification"):
         folder, shipped = resolve_model_dir(None)
     assert shipped and folder == SHIPPED_MODEL_DIR
     assert "using the shipped classifier" in caplog.text

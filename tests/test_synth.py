@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from covidcxr.data.synth import MANIFEST_COLUMNS, draw_cxr, make_cohort, sample_anatomy
 from covidcxr.errors import ConfigError
-from covidcxr.io import load_image
-from covidcxr.synth import MANIFEST_COLUMNS, draw_cxr, make_cohort, sample_anatomy
+from covidcxr.io.image import load_image
 
 
 @pytest.mark.parametrize(("label", "size"), [("covid", 128), ("non_covid", 96), (1, 64), (0, 128)])

@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr.artifact import load_artifact
-from covidcxr.augment import AugmentConfig, build_eval_transform, build_train_transform, to_cache_image
+from covidcxr.classification.artifact import load_artifact
+from covidcxr.classification.train import ClassifierModule, TrainConfig, _warmup_cosine, prepare_split, train_classifier
 from covidcxr.errors import ConfigError
-from covidcxr.io import load_image
-from covidcxr.train import ClassifierModule, TrainConfig, _warmup_cosine, prepare_split, train_classifier
+from covidcxr.io.image import load_image
+from covidcxr.transforms.augment import AugmentConfig, build_eval_transform, build_train_transform
+from covidcxr.transforms.preprocess import PreprocessCfg, preprocess, to_uint8
 
 torch.set_num_threads(1)  # 2 threads on 2 shared cores thrash (OpenMP spin-waits)
 TINY = {"arch": "resnet18", "image_size": 32, "batch_size": 32, "num_workers": 0, "progress": False, "n_boot": 50,
@@ -32,7 +33,7 @@ def cohort(synth_cohort: Path) -> Path:
 
 
 def _cached(seed: int = 0, size: int = 40) -> torch.Tensor:
-    return to_cache_image(np.random.default_rng(seed).random((60, 50), dtype=np.float32), size)
+    return to_uint8(preprocess(np.random.default_rng(seed).random((60, 50), dtype=np.float32), None, PreprocessCfg(size)))
 
 
 def test_train_transform_is_random_and_shaped() -> None:
@@ -90,8 +91,7 @@ def test_train_config_validates() -> None:
 def test_tiny_model_loss_falls(cohort: Path) -> None:
     df = pd.read_csv(cohort).head(8)
     images = [load_image(cohort.parent / p)[0] for p in df["image"]]
-    tf = build_eval_transform(32)
-    x = torch.stack([tf(to_cache_image(im, 37)) for im in images])
+    x = torch.stack([preprocess(im, None, PreprocessCfg(32)) for im in images])
     y = torch.as_tensor((df["label"] == "covid").to_numpy().astype(np.int64))
     torch.manual_seed(0)
     module = ClassifierModule("resnet18", "none", lr=1e-3)
@@ -109,7 +109,7 @@ def test_tiny_model_loss_falls(cohort: Path) -> None:
 
 
 def test_split_column_used_or_made(cohort: Path) -> None:
-    from covidcxr.data import read_manifest
+    from covidcxr.data.manifest import read_manifest
 
     df = read_manifest(cohort)
     made = prepare_split(df, TrainConfig(seed=3))
@@ -121,7 +121,7 @@ def test_split_column_used_or_made(cohort: Path) -> None:
 
 
 def test_single_class_validation_refused(cohort: Path) -> None:
-    from covidcxr.data import read_manifest
+    from covidcxr.data.manifest import read_manifest
 
     df = prepare_split(read_manifest(cohort), TrainConfig())
     df.loc[(df["split"] == "val") & (df["label"] == "covid"), "split"] = "train"
@@ -136,7 +136,7 @@ class _FakeSegmenter:
         self.seen = 0
 
     def predict(self, images):
-        from covidcxr.segment import SegResult
+        from covidcxr.segmentation.segmenter import SegResult
 
         self.seen += len(images)
         out = []
@@ -149,9 +149,9 @@ class _FakeSegmenter:
 
 
 def test_image_cache_segments_once_and_reuses_masks(cohort: Path, tmp_path: Path) -> None:
-    from covidcxr.artifact import MaskCache
-    from covidcxr.data import read_manifest
-    from covidcxr.train import build_image_cache
+    from covidcxr.classification.loop import MaskCache
+    from covidcxr.classification.train import build_image_cache
+    from covidcxr.data.manifest import read_manifest
 
     df = read_manifest(cohort).head(6).drop(columns=["mask"])
     seg = _FakeSegmenter()
@@ -168,8 +168,8 @@ def test_image_cache_segments_once_and_reuses_masks(cohort: Path, tmp_path: Path
 
 
 def test_image_cache_without_masks_or_segmenter_raises(cohort: Path) -> None:
-    from covidcxr.data import read_manifest
-    from covidcxr.train import build_image_cache
+    from covidcxr.classification.train import build_image_cache
+    from covidcxr.data.manifest import read_manifest
 
     df = read_manifest(cohort).head(2).drop(columns=["mask"])
     with pytest.raises(ConfigError, match="needs lung masks for 2 image"):
@@ -181,7 +181,7 @@ def test_image_cache_without_masks_or_segmenter_raises(cohort: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trained(cohort: Path, tmp_path_factory) -> tuple[Path, dict]:
-    from covidcxr import evaluate
+    from covidcxr.evaluation import metrics as evaluate
 
     calls: dict = {}
     real = evaluate.choose_threshold
@@ -255,7 +255,7 @@ def test_resume_continues_from_last_checkpoint(trained: tuple[Path, dict], cohor
 def test_test_metrics_written_without_matplotlib(tmp_path: Path, monkeypatch) -> None:
     import sys
 
-    from covidcxr.train import _evaluate_test
+    from covidcxr.classification.train import _evaluate_test
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, as on a machine without it
     rng = np.random.default_rng(0)
@@ -279,8 +279,8 @@ def _val_table(n_both_neg: int, seed: int = 0) -> pd.DataFrame:
 
 
 def test_threshold_holds_on_hard_negatives() -> None:
-    from covidcxr.evaluate import choose_threshold
-    from covidcxr.train import _choose_val_threshold
+    from covidcxr.classification.train import _choose_val_threshold
+    from covidcxr.evaluation.metrics import choose_threshold
 
     table = _val_table(n_both_neg=20)
     t_both, rows = _choose_val_threshold(table, TrainConfig(arch="resnet18", num_workers=0), choose_threshold)
@@ -293,8 +293,8 @@ def test_threshold_holds_on_hard_negatives() -> None:
 
 
 def test_threshold_falls_back_to_all_rows_when_too_few_hard_negatives(caplog) -> None:
-    from covidcxr.evaluate import choose_threshold
-    from covidcxr.train import _choose_val_threshold
+    from covidcxr.classification.train import _choose_val_threshold
+    from covidcxr.evaluation.metrics import choose_threshold
 
     _, rows = _choose_val_threshold(_val_table(n_both_neg=2), TrainConfig(arch="resnet18", num_workers=0),
                                     choose_threshold)
@@ -315,7 +315,7 @@ def test_training_on_a_cpu_without_native_bf16_uses_float32(cohort: Path, tmp_pa
     history = pd.read_csv(out / "logs" / "version_0" / "metrics.csv")
     assert "val_auc_both" in history.columns
     val = pd.read_csv(out / "val_predictions.csv")
-    from covidcxr.calibration import apply_temperature
+    from covidcxr.evaluation.calibration import apply_temperature
 
     np.testing.assert_allclose(val["prob"], apply_temperature(val["margin"].to_numpy(), cfg["temperature"]))
 

@@ -8,15 +8,14 @@ import torch
 from torchvision import tv_tensors
 
 from covidcxr.errors import ConfigError
-from covidcxr.transforms import (
+from covidcxr.transforms.joint import (
     RandomGamma,
     build_seg_eval_transform,
     build_seg_train_transform,
     normalise,
     prepare_batch,
-    resize_image,
-    resize_mask,
 )
+from covidcxr.transforms.resize import resize_image, resize_mask
 
 
 def _square_pair(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,12 +17,15 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import covidcxr.artifact as artifact_mod
-import covidcxr.io as io_mod
-from covidcxr.api import ServeSettings, serve_command, sniff_format
+import covidcxr.classification.artifact as artifact_mod
+import covidcxr.io.dicom as dicom_mod
+import covidcxr.io.image as io_mod
 from covidcxr.cli import build_parser
-from covidcxr.io import write_dicom
-from covidcxr.synth import draw_cxr
+from covidcxr.data.synth import draw_cxr
+from covidcxr.demo import serve_command
+from covidcxr.io.dicom import write_dicom
+from covidcxr.io.image import sniff_format
+from covidcxr.service.analysis import ServeSettings
 from covidcxr.web.app import MULTIPART_SLACK, create_app
 from covidcxr.web.toy import ToyAssets, make_toy_assets
 
@@ -188,6 +191,7 @@ def test_file_just_over_the_limit_inside_the_multipart_slack_is_413(client) -> N
 
 def test_image_over_the_pixel_limit_is_413(client, cxr, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(io_mod, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(dicom_mod, "MAX_PIXELS", 1000)
     r = _post(client, _encode(cxr, "png", tmp_path))
     assert r.status_code == 413 and "exceeds the limit of 1,000" in r.json()["detail"]
 
@@ -324,7 +328,7 @@ def test_bad_settings_are_refused(kwargs, match) -> None:
 
 def test_index_built_with_another_model_is_refused(toy, tmp_path) -> None:
     from covidcxr.errors import IndexMismatchError
-    from covidcxr.index import CaseIndex
+    from covidcxr.retrieval.index import CaseIndex
 
     other = CaseIndex(model_hash="0" * 64).fit(np.eye(4, 512, dtype=np.float32),
                                                [{"case_id": f"c{i}", "patient_id": "p", "label": 1} for i in range(4)])

@@ -41,8 +41,8 @@ def _licences(df: pd.DataFrame) -> pd.DataFrame:
 
 def export(run: Path, dest: Path, df: pd.DataFrame, variant: str, transfer: dict[str, Any] | None) -> None:
     """Copy the artifact files into ``dest`` (segmenter by reference) and write the model card."""
-    from covidcxr.io import file_sha256
-    from covidcxr.segment import default_weights_path
+    from covidcxr.io.files import file_sha256
+    from covidcxr.segmentation.weights import default_weights_path
 
     config = json.loads((run / "config.json").read_text())
     seg_hash = file_sha256(default_weights_path())
@@ -83,7 +83,7 @@ def _fmt_ci(block: dict[str, Any] | None, key: str) -> str:
 
 def model_card(config: dict[str, Any], df: pd.DataFrame, val: pd.DataFrame, variant: str,
                transfer: dict[str, Any] | None) -> str:
-    from covidcxr.evaluate import expected_calibration_error
+    from covidcxr.evaluation.metrics import expected_calibration_error
 
     tr = config["training"]
     counts = df.groupby(["source", "label"]).size().unstack(fill_value=0)
@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from covidcxr.data import patient_split, read_manifest
-    from covidcxr.train import train_classifier
+    from covidcxr.classification.train import train_classifier
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.data.split import patient_split
 
     df = read_manifest(args.manifest)
     df = patient_split(df.drop(columns=["split"], errors="ignore"), 0.15, 0.0, group_col="split_group",

@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from covidcxr.errors import ConfigError, ModelError
+from covidcxr.io.files import json_safe
+from covidcxr.retrieval.embed import case_metadata, embed_splits
+from covidcxr.retrieval.metrics import evaluate_retrieval
+from covidcxr.retrieval.report import contact_sheet
+from covidcxr.retrieval.workflow import faiss_threads, index_from_embeddings, match_rows
+from covidcxr.segmentation.batch import overlay_image
+from covidcxr.segmentation.evaluate import evaluate_masks
+from covidcxr.segmentation.segmenter import LungSegmenter
+from covidcxr.segmentation.weights import shipped_weights_available
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +99,8 @@ def run_demo(settings: DemoSettings, report: Reporter) -> dict[str, Any]:
 
 
 def _stage_data(settings: DemoSettings, out: Path, summary: dict, report: Reporter) -> Path:
-    from covidcxr import data, synth
+    from covidcxr import data
+    from covidcxr.data import synth
 
     t = time.perf_counter()
     cohort = out / "cohort"
@@ -115,18 +129,16 @@ def _stage_data(settings: DemoSettings, out: Path, summary: dict, report: Report
 
 
 def _stage_segment(settings: DemoSettings, out: Path, manifest: Path, summary: dict, report: Reporter) -> None:
-    from covidcxr import segment
-
     t = time.perf_counter()
-    result = segment.run_segmentation_demo(manifest, out / "segmentation")
+    result = run_segmentation_demo(manifest, out / "segmentation")
     result["seconds"] = round(time.perf_counter() - t, 1)
     summary["stages"]["segment"] = result
     report("Lung segmentation with the shipped U-Net (Dice against the synthetic masks)", result)
 
 
 def _stage_train(settings: DemoSettings, out: Path, manifest: Path, summary: dict, report: Reporter) -> Path:
-    from covidcxr.evaluate import format_metrics_table
-    from covidcxr.train import train_classifier
+    from covidcxr.classification.train import train_classifier
+    from covidcxr.evaluation.report import format_metrics_table
 
     t = time.perf_counter()
     model_dir = out / "model"
@@ -153,8 +165,7 @@ def _stage_train(settings: DemoSettings, out: Path, manifest: Path, summary: dic
 
 def _stage_index(settings: DemoSettings, out: Path, manifest: Path, model_dir: Path, summary: dict,
                  report: Reporter) -> None:
-    from covidcxr.api import serve_command
-    from covidcxr.search import run_index_demo
+    from covidcxr.demo import run_index_demo, serve_command
 
     result = run_index_demo(model_dir, manifest, out / "search", k=settings.k, device="cpu", n_boot=200)
     summary["stages"]["index"] = {k: result[k] for k in ("index_dir", "n_cases", "query", "sheet", "retrieval",
@@ -169,8 +180,8 @@ def _stage_real(summary: dict, report: Reporter) -> None:
     """The shipped classifier on the real CXRs whose licences allow shipping them (CC BY, see ATTRIBUTION.md)."""
     import pandas as pd
 
-    from covidcxr.artifact import load_artifact, shipped_model_dir
-    from covidcxr.io import load_image
+    from covidcxr.classification.artifact import load_artifact, shipped_model_dir
+    from covidcxr.io.image import load_image
 
     t = time.perf_counter()
     files = [SAMPLES_DIR / name for name in SAMPLES if (SAMPLES_DIR / name).is_file()]
@@ -200,3 +211,150 @@ def _stage_real(summary: dict, report: Reporter) -> None:
            "the model running, not its accuracy)", table)
     report("Your own images", "covidcxr predict IMAGE.dcm ... (no --model: the shipped classifier); "
            f"sources and licences of these samples: {SAMPLES_DIR / 'ATTRIBUTION.md'}")
+
+
+def serve_command(model_dir: str | Path, index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """The shell command that serves a model and index (printed by ``covidcxr demo``).
+
+    Args:
+        model_dir: Model artifact folder.
+        index_dir: Case index folder.
+        host: Bind address.
+        port: TCP port.
+
+    Returns:
+        e.g. ``covidcxr serve --model out/model --index out/index --host 127.0.0.1 --port 8000``.
+    """
+    parts = ["covidcxr", "serve", "--model", str(model_dir), "--index", str(index_dir), "--host", host,
+             "--port", str(port)]
+    return " ".join(shlex.quote(p) for p in parts)
+def run_segmentation_demo(
+    manifest: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    n_overlays: int = 4,
+    max_images: int | None = None,
+) -> dict[str, Any]:
+    """Segment a (synthetic) cohort with the shipped U-Net and report Dice against its masks.
+
+    Args:
+        manifest: Manifest CSV with ``image`` and ``mask`` columns (e.g. from :func:`covidcxr.synth.make_cohort`).
+        out_dir: Folder for ``segmentation_dice.csv``, ``summary.json`` and a few overlay PNGs.
+        weights: Weights file or folder; None = shipped weights.
+        n_overlays: Overlay pictures written for the first images.
+        max_images: Evaluate at most this many rows (None = all).
+
+    Returns:
+        Summary dict: ``n_images``, ``dice_mean``, ``dice_median``, ``dice_p05``, ``qc_flagged``,
+        ``qc_flag_counts``, ``images_per_s``, ``weights_sha256``, ``overlays``; or ``{'skipped': reason}`` when
+        no shipped weights exist yet.
+
+    Raises:
+        ManifestError: Unreadable manifest or no masks.
+        ModelError: ``weights`` given but missing or invalid.
+    """
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.io.files import save_png
+    from covidcxr.io.image import load_image
+
+    if weights is None and not shipped_weights_available():
+        log.warning("lung segmentation demo skipped: shipped weights not trained yet")
+        return {"skipped": "shipped lung U-Net weights not trained yet"}
+    df = read_manifest(manifest, validate=False)
+    if max_images is not None:
+        df = df.head(max_images)
+    segmenter = LungSegmenter.load(weights)
+    t0 = time.perf_counter()
+    per_image = evaluate_masks(df, segmenter)
+    seconds = time.perf_counter() - t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_image.to_csv(out / "segmentation_dice.csv", index=False)
+    overlays = []
+    for i, path in enumerate(per_image["image"].head(n_overlays)):
+        image = load_image(path)[0]
+        res = segmenter.predict(image)[0]
+        dest = out / f"overlay_{i:02d}_{Path(path).stem}.png"
+        save_png(dest, overlay_image(image, res.mask))
+        overlays.append(str(dest))
+    flags = [f for s in per_image["qc_flags"] for f in str(s).split(";") if f]
+    dice = per_image["dice"].to_numpy(dtype=float)
+    summary = {
+        "n_images": len(per_image),
+        "dice_mean": round(float(dice.mean()), 4),
+        "dice_median": round(float(np.median(dice)), 4),
+        "dice_p05": round(float(np.percentile(dice, 5)), 4),
+        "qc_flagged": int((per_image["qc_flags"] != "").sum()),
+        "qc_flag_counts": {f: flags.count(f) for f in sorted(set(flags))},
+        "images_per_s": round(len(per_image) / max(seconds, 1e-9), 1),
+        "weights_sha256": segmenter.weights_hash[:16],
+        "overlays": overlays,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+def run_index_demo(
+    model_dir: str | Path,
+    manifest: str | Path,
+    out_dir: str | Path,
+    k: int = 5,
+    *,
+    device: str = "auto",
+    evaluate: bool = True,
+    n_boot: int = 200,
+    force: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The demo's index stage: index the train split, search one test image, write a contact sheet.
+
+    Args:
+        model_dir: Model artifact folder.
+        manifest: Manifest CSV with a ``split`` column (split by patient when absent).
+        out_dir: Folder for ``index/`` (with thumbnails), ``similar_cases.png`` and ``retrieval.json``.
+        k: Neighbours shown.
+        device: Inference device.
+        evaluate: Also measure retrieval quality on the whole test split (:func:`evaluate_retrieval`).
+        n_boot: Bootstrap replicates for the AUC CIs.
+        force: Replace a previous demo index in ``out_dir/index``.
+        progress: Progress bars.
+
+    Returns:
+        JSON-ready dict: ``index_dir``, ``n_cases``, ``query`` (image, patient, label, prob), ``rows`` (the
+        neighbour table, see :func:`match_rows`), ``sheet`` (PNG path), ``retrieval`` (overall metrics or None),
+        ``seconds``.
+    """
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.io.image import load_image
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    artifact = load_artifact(model_dir, device)
+    df = read_manifest(manifest)
+    e_train, r_train, e_test, r_test = embed_splits(artifact, df, progress=progress, skip_bad=True)
+    index = index_from_embeddings(artifact, e_train, r_train, out / "index", thumbnails=True, force=force,
+                                  info={"split": "train"})
+    q = 0
+    query = r_test.iloc[q]
+    with faiss_threads(1):
+        matches = index.search(e_test[q : q + 1], k=k, exclude_patients=str(query["patient_id"]))[0]
+    image = load_image(query["image"])[0]
+    title = f"query ({query['label']})\nP(covid) {float(query['prob']):.3f}"
+    sheet = contact_sheet(image, matches, out / "similar_cases.png", index_dir=out / "index", query_title=title)
+    retrieval = None
+    if evaluate:
+        result = evaluate_retrieval(e_train, case_metadata(r_train), e_test, r_test,
+                                    test_prob=r_test["prob"].to_numpy(), k=10, n_boot=n_boot)
+        (out / "retrieval.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
+        retrieval = json_safe(result["overall"])
+    return {
+        "index_dir": str(out / "index"),
+        "n_cases": len(index),
+        "query": {"image": str(query["image"]), "patient_id": str(query["patient_id"]), "label": str(query["label"]),
+                  "prob": float(query["prob"])},
+        "rows": match_rows(matches),
+        "sheet": str(sheet),
+        "retrieval": retrieval,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

@@ -64,9 +64,9 @@ class NotFittedError(CxrError, AttributeError):
     """An estimator-style object was used before ``fit``."""
 
 
-class IndexError_(CxrError):
+class CaseIndexError(CxrError):
     """A similar-case index is missing, corrupt or incompatible with the embedding model."""
 
 
-class IndexMismatchError(IndexError_):
+class IndexMismatchError(CaseIndexError):
     """An index was built with another embedding model, dimension or format version."""

@@ -10,7 +10,7 @@ MODEL_HELP = "model (or ensemble) artifact folder (default: the shipped classifi
 
 def model_dir(path: Path | None) -> Path:
     """``path``, or the shipped classifier's folder, announced on stderr so nobody mistakes whose model answered."""
-    from covidcxr.artifact import resolve_model_dir
+    from covidcxr.classification.artifact import resolve_model_dir
 
     folder, shipped = resolve_model_dir(path)
     if shipped:

@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     Args:
         subparsers: The object returned by ``ArgumentParser.add_subparsers``.
     """
-    from covidcxr.models import list_architectures
+    from covidcxr.models.registry import list_architectures
 
     p = subparsers.add_parser(
         "train",
@@ -126,7 +126,7 @@ def _console() -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from covidcxr.train import settings_from, train_classifier
+    from covidcxr.classification.train import settings_from, train_classifier
 
     settings = settings_from(vars(args))
     devices = str(args.devices)
@@ -152,7 +152,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
     from rich.table import Table
 
-    from covidcxr.artifact import decode_images, load_artifact
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.classification.loop import decode_images
     from covidcxr.device import available_cpus
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
@@ -186,9 +187,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from covidcxr.artifact import load_artifact
-    from covidcxr.data import LABELS, read_manifest
-    from covidcxr.evaluate import evaluate_predictions, format_metrics_table
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.evaluation.metrics import evaluate_predictions
+    from covidcxr.evaluation.report import format_metrics_table
+    from covidcxr.vocab import LABELS
 
     df = read_manifest(args.manifest)
     if args.split != "all":
@@ -211,7 +214,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
-    from covidcxr.artifact import build_ensemble
+    from covidcxr.classification.ensemble import build_ensemble
 
     out = build_ensemble(args.models, args.out, weighted=args.weighted, force=args.force)
     cfg = json.loads((out / "config.json").read_text())

@@ -91,7 +91,7 @@ def _print_table(console: Any, table: pd.DataFrame, title: str) -> None:
 
 
 def _print_duplicates(console: Any, df: pd.DataFrame, threshold: float) -> None:
-    from covidcxr.data import find_near_duplicates
+    from covidcxr.data.duplicates import find_near_duplicates
 
     start = time.perf_counter()
     pairs = find_near_duplicates(df, threshold=threshold)
@@ -121,7 +121,13 @@ def _print_duplicates(console: Any, df: pd.DataFrame, threshold: float) -> None:
 
 
 def _cmd_manifest(args: argparse.Namespace) -> int:
-    from covidcxr.data import check_output_path, manifest_from_folder, summarize, validate_manifest, write_manifest
+    from covidcxr.data.manifest import (
+        check_output_path,
+        manifest_from_folder,
+        summarize,
+        validate_manifest,
+        write_manifest,
+    )
 
     check_output_path(args.out, force=args.force)
     df = manifest_from_folder(args.folder, patient_regex=args.patient_regex)
@@ -134,7 +140,8 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from covidcxr.data import REQUIRED_COLUMNS, read_manifest, split_balance, summarize, validate_manifest
+    from covidcxr.data.manifest import REQUIRED_COLUMNS, read_manifest, summarize, validate_manifest
+    from covidcxr.data.split import split_balance
 
     start = time.perf_counter()
     df = read_manifest(args.manifest, validate=False)
@@ -161,7 +168,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from covidcxr.data import check_output_path, patient_split, read_manifest, summarize, write_manifest
+    from covidcxr.data.manifest import check_output_path, read_manifest, summarize, write_manifest
+    from covidcxr.data.split import patient_split
 
     start = time.perf_counter()
     df = read_manifest(args.manifest)
@@ -179,8 +187,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from covidcxr.data import read_manifest, summarize
-    from covidcxr.synth import make_cohort
+    from covidcxr.data.manifest import read_manifest, summarize
+    from covidcxr.data.synth import make_cohort
 
     manifest = make_cohort(
         args.out, n_patients=args.patients, seed=args.seed, size=args.size, dicom_fraction=args.dicom_fraction

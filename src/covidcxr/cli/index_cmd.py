@@ -89,8 +89,8 @@ def _console() -> Any:
 
 
 def _manifest_split(path: Path, split: str) -> Any:
-    from covidcxr.data import read_manifest
-    from covidcxr.embed import select_split
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.data.split import select_split
 
     return select_split(read_manifest(path), split, path)
 
@@ -103,8 +103,8 @@ def _summary(index: Any) -> str:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from covidcxr.artifact import load_artifact
-    from covidcxr.search import build_index
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.retrieval.workflow import build_index
 
     df = _manifest_split(args.manifest, args.split)
     args.model = model_dir(args.model)
@@ -123,8 +123,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    from covidcxr.artifact import load_artifact
-    from covidcxr.search import add_to_index
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.retrieval.workflow import add_to_index
 
     df = _manifest_split(args.manifest, args.split)
     art = load_artifact(args.model, args.device)
@@ -140,9 +140,10 @@ def _cmd_add(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from covidcxr.artifact import load_artifact
-    from covidcxr.data import read_manifest
-    from covidcxr.search import evaluate_model_retrieval, json_safe, retrieval_markdown, retrieval_table
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.io.files import json_safe
+    from covidcxr.retrieval.report import evaluate_model_retrieval, retrieval_markdown, retrieval_table
 
     if args.out is not None and args.out.is_file():
         raise ConfigError(f"{args.out}: --out must be a folder")
@@ -172,7 +173,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from covidcxr.index import CaseIndex
+    from covidcxr.retrieval.index import CaseIndex
 
     index = CaseIndex.load(args.index)
     console = _console()
@@ -185,8 +186,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from covidcxr.io import load_image
-    from covidcxr.search import contact_sheet, load_index_and_model, match_rows, search_image
+    from covidcxr.io.image import load_image
+    from covidcxr.retrieval.report import contact_sheet
+    from covidcxr.retrieval.workflow import load_index_and_model, match_rows, search_image
 
     if args.k < 1:
         raise ConfigError(f"-k must be >= 1, got {args.k}")

@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from covidcxr.segment_train import train_segmenter
+    from covidcxr.segmentation.train import train_segmenter
 
     config: dict[str, Any] = {}
     if args.channels:
@@ -113,7 +113,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from covidcxr.segment import LungSegmenter, predict_to_dir
+    from covidcxr.segmentation.batch import predict_to_dir
+    from covidcxr.segmentation.segmenter import LungSegmenter
 
     segmenter = LungSegmenter.load(args.weights, precision=args.precision, batch_size=args.batch_size)
     table = predict_to_dir(args.source, args.out, segmenter=segmenter, force=args.force, progress=sys.stderr.isatty())
@@ -124,7 +125,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    from covidcxr.segment import install_weights
+    from covidcxr.segmentation.weights import install_weights
 
     print(f"installed: {install_weights(args.folder)}")
     return 0
@@ -134,8 +135,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from covidcxr.segment import LungSegmenter, dice_table, evaluate_masks
-    from covidcxr.segment_train import read_seg_manifest, select_split
+    from covidcxr.segmentation.evaluate import dice_table, evaluate_masks
+    from covidcxr.segmentation.segmenter import LungSegmenter
+    from covidcxr.segmentation.train import read_seg_manifest, select_split
 
     df = read_seg_manifest(args.manifest, require_mask=False)
     if args.split_csv is not None:

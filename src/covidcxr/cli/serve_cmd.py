@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from covidcxr.api import ServeSettings
+    from covidcxr.service.analysis import ServeSettings
     from covidcxr.web.app import serve
 
     args.model = model_dir(args.model)
@@ -69,7 +69,7 @@ def _url_host(host: str) -> str:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from covidcxr.api import explain_file
+    from covidcxr.service.analysis import explain_file
 
     args.model = model_dir(args.model)
     summary = explain_file(args.image, args.model, args.out, mask_path=args.mask,

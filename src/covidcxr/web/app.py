@@ -30,15 +30,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from covidcxr import __version__
-from covidcxr.api import CaseService, ServeSettings
 from covidcxr.errors import (
+    CaseIndexError,
     ConfigError,
     CxrError,
     ImageReadError,
     ImageTooLargeError,
-    IndexError_,
     UnsupportedImageError,
 )
+from covidcxr.service.analysis import CaseService, ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def create_app(model_dir: str | Path, index_dir: str | Path, settings: ServeSett
         The FastAPI application.
 
     Raises:
-        ModelError, IndexError_: Model or index missing, corrupt or not matching each other.
+        ModelError, CaseIndexError: Model or index missing, corrupt or not matching each other.
     """
     return build_app(CaseService.load(model_dir, index_dir, settings))
 
@@ -200,7 +200,7 @@ def build_app(service: CaseService) -> FastAPI:
             return error(404, "unknown case id")
         try:
             png = await run_in_threadpool(service.thumbnail_png, case_id)
-        except IndexError_ as exc:
+        except CaseIndexError as exc:
             return error(404, str(exc))
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 

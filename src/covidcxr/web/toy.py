@@ -31,7 +31,7 @@ def toy_classifier(arch: str, images: list[np.ndarray], input_size: int = 64, se
     """
     import torch
 
-    from covidcxr.models import create_classifier
+    from covidcxr.models.classifier import create_classifier
 
     with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's global RNG
         torch.manual_seed(seed)
@@ -89,12 +89,12 @@ def make_toy_assets(
     import pandas as pd
     import torch
 
-    from covidcxr.artifact import load_artifact, save_artifact
-    from covidcxr.index import CaseIndex
-    from covidcxr.io import save_png
-    from covidcxr.models import build_unet
-    from covidcxr.segment import default_weights_path, save_unet, shipped_weights_available
-    from covidcxr.synth import draw_cxr
+    from covidcxr.classification.artifact import load_artifact, save_artifact
+    from covidcxr.data.synth import draw_cxr
+    from covidcxr.io.files import save_png
+    from covidcxr.models.unet import build_unet
+    from covidcxr.retrieval.index import CaseIndex
+    from covidcxr.segmentation.weights import default_weights_path, save_unet, shipped_weights_available
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,17 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from covidcxr.artifact import (
-    SEG_MODES,
-    MaskCache,
-    ModelArtifact,
-    prepare_image,
-    safe_auc,
-    save_artifact,
-)
-from covidcxr.augment import INTENSITY_MODES, AugmentConfig, build_eval_transform, build_train_transform
-from covidcxr.calibration import apply_temperature, fit_temperature, nll
-from covidcxr.data import LABELS, both_label_mask
+from covidcxr.classification.artifact import save_artifact
+from covidcxr.classification.inference import ModelArtifact
+from covidcxr.classification.loop import MaskCache
+from covidcxr.data.manifest import both_label_mask
 from covidcxr.device import (
     LIGHTNING_PRECISIONS,
     default_num_workers,
@@ -52,8 +45,14 @@ from covidcxr.device import (
     uses_cuda,
 )
 from covidcxr.errors import ConfigError
-from covidcxr.io import file_sha256
-from covidcxr.models import NORMALIZATIONS, create_classifier, get_arch_spec
+from covidcxr.evaluation.calibration import apply_temperature, fit_temperature, nll
+from covidcxr.evaluation.metrics import safe_auc
+from covidcxr.io.files import file_sha256, json_safe
+from covidcxr.models.classifier import create_classifier
+from covidcxr.models.registry import NORMALIZATIONS, get_arch_spec
+from covidcxr.transforms.augment import AugmentConfig, build_train_transform
+from covidcxr.transforms.preprocess import PreprocessCfg, preprocess, to_uint8
+from covidcxr.vocab import INTENSITY_MODES, LABELS, SEG_MODES
 
 log = logging.getLogger(__name__)
 
@@ -423,24 +422,27 @@ class CachedImageDataset(Dataset):
 
 
 class _PrepareDataset(Dataset):
-    """Decode one row and apply :func:`prepare_image` (run in DataLoader worker processes: seg modes cost CPU)."""
+    """Decode one row and apply :func:`~covidcxr.transforms.preprocess.preprocess` (in DataLoader worker processes:
+    decoding and the segmentation mode cost CPU)."""
 
-    def __init__(self, images: list[str], masks: list[str], seg_mode: str, cache_size: int,
-                 intensity: str = "none") -> None:
-        self.images, self.masks, self.seg_mode, self.cache_size = images, masks, seg_mode, cache_size
-        self.intensity = intensity
+    def __init__(self, images: list[str], masks: list[str], cfg: PreprocessCfg, uint8: bool) -> None:
+        self.images, self.masks, self.cfg, self.uint8 = images, masks, cfg, uint8
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, list[str]]:
-        from covidcxr.artifact import read_mask
-        from covidcxr.io import load_image
+        from covidcxr.io.image import load_image, read_mask
 
         image, _ = load_image(self.images[i])
         mask = read_mask(self.masks[i]) if self.masks[i] else None
         flags: list[str] = []
-        return i, prepare_image(image, mask, self.seg_mode, self.cache_size, flags, self.intensity), flags
+        x = preprocess(image, mask, self.cfg, flags=flags)
+        return i, to_uint8(x) if self.uint8 else x, flags
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float()
 
 
 def _as_list(batch: list[Any]) -> list[Any]:
@@ -462,8 +464,13 @@ def build_image_cache(
     chunk: int = 64,
     progress: bool = True,
     intensity: str = "none",
+    uint8: bool = True,
 ) -> tuple[torch.Tensor, list[list[str]]]:
-    """Decode every row once: segmentation mode applied, squashed to ``cache_size``, uint8.
+    """Decode every row once through the model's preprocessing at side ``cache_size``, and keep the result.
+
+    Training images are cached as uint8 a little larger than the input (random crops need room); validation and
+    test images at the input size as float32, exactly the inference input (so validation predictions, the
+    temperature and the threshold are those of inference).
 
     Lung masks come from the ``mask`` column when given, else from ``mask_cache``, else from ``segmenter``
     (batched, then stored in ``mask_cache`` so a resumed run or another variant does not segment again).
@@ -478,23 +485,26 @@ def build_image_cache(
         num_workers: Worker processes (and decoding threads for segmentation).
         chunk: Rows segmented together.
         progress: Show progress bars.
-        intensity: Intensity standardisation (see :func:`covidcxr.augment.standardise_intensity`).
+        intensity: Intensity standardisation (see :func:`covidcxr.transforms.preprocess.standardise_intensity`).
+        uint8: Store uint8 (augmentation cache) instead of float32 (evaluation inputs).
 
     Returns:
-        ``(uint8 tensor (N, 1, S, S), qc_flags per row)``.
+        ``(tensor (N, 1, S, S), qc_flags per row)``.
 
     Raises:
         ConfigError: A seg mode without masks and without a segmenter or mask cache.
     """
     from tqdm.auto import tqdm
 
-    from covidcxr.artifact import decode_images
+    from covidcxr.classification.loop import decode_images
 
     rows_all = df.reset_index(drop=True)
     images = rows_all["image"].astype(str).tolist()
     given = rows_all["mask"].tolist() if "mask" in rows_all.columns else [""] * len(rows_all)
     mask_paths = [""] * len(rows_all)
     seg_qc: list[list[str]] = [[] for _ in images]
+    if seg_mode not in SEG_MODES:
+        raise ConfigError(f"unknown segmentation mode {seg_mode!r}; valid: {', '.join(SEG_MODES)}")
     if seg_mode != "none":
         todo = []
         for i, (img, m) in enumerate(zip(images, given)):
@@ -517,10 +527,11 @@ def build_image_cache(
             for i, r in zip(idx, results):
                 mask_paths[i], seg_qc[i] = str(mask_cache.cached_path(images[i])), list(r.qc_flags)
 
-    cache = torch.empty((len(rows_all), 1, cache_size, cache_size), dtype=torch.uint8)
+    cfg = PreprocessCfg(int(cache_size), seg_mode, intensity)
+    cache = torch.empty((len(rows_all), 1, cache_size, cache_size), dtype=torch.uint8 if uint8 else torch.float32)
     qc_all: list[list[str]] = [list(f) for f in seg_qc]
     loader = DataLoader(
-        _PrepareDataset(images, mask_paths, seg_mode, cache_size, intensity),
+        _PrepareDataset(images, mask_paths, cfg, uint8),
         batch_size=16,
         num_workers=max(0, num_workers),
         collate_fn=_as_list,
@@ -555,7 +566,7 @@ def prepare_split(df: pd.DataFrame, cfg: TrainConfig) -> pd.DataFrame:
     Raises:
         ConfigError: Unknown split values, an empty train/val split, or a validation split with one class.
     """
-    from covidcxr.data import patient_split
+    from covidcxr.data.split import patient_split
 
     has_split = "split" in df.columns and (df["split"].astype(str).str.strip().isin(["train", "val", "test"])).all()
     if has_split:
@@ -664,7 +675,7 @@ def train_classifier(
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from covidcxr.data import read_manifest
+    from covidcxr.data.manifest import read_manifest
 
     cfg = dataclasses.replace(config, **settings) if config is not None else TrainConfig(**settings)
     out = Path(out)
@@ -683,29 +694,40 @@ def train_classifier(
     cache_size = aug.cache_size
     segmenter, mask_cache, seg_weights = None, None, None
     if cfg.seg_mode != "none":
-        from covidcxr.artifact import segmenter_files
-        from covidcxr.segment import LungSegmenter
+        from covidcxr.classification.artifact import segmenter_files
+        from covidcxr.segmentation.segmenter import LungSegmenter
 
         seg_weights = segmenter_files(cfg.segmenter)[0]
         seg_device = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
         segmenter = LungSegmenter.load(seg_weights, device=seg_device, batch_size=32,
                                        precision="auto" if cfg.bf16_inference else "fp32")
         mask_cache = MaskCache(cfg.mask_dir or out / "masks", file_sha256(seg_weights))
-    t0 = time.perf_counter()
-    cache, qc = build_image_cache(df, cfg.seg_mode, cache_size, segmenter=segmenter, mask_cache=mask_cache,
-                                  num_workers=cfg.num_workers, progress=cfg.progress, intensity=cfg.intensity)
-    cache_seconds = time.perf_counter() - t0
-    log.info("cached %d images at %dpx in %.1fs", len(df), cache_size, cache_seconds)
-
     idx = {s: np.flatnonzero((df["split"] == s).to_numpy()) for s in ("train", "val", "test")}
+    t0 = time.perf_counter()
+    cache_args = dict(segmenter=segmenter, mask_cache=mask_cache, num_workers=cfg.num_workers, progress=cfg.progress,
+                      intensity=cfg.intensity)
+    # Training images: uint8, larger than the input, for random crops. Validation and test: the inference input.
+    train_cache, train_qc = build_image_cache(df.iloc[idx["train"]], cfg.seg_mode, cache_size, **cache_args)
+    eval_idx = np.concatenate([idx["val"], idx["test"]])
+    eval_cache, eval_qc = build_image_cache(df.iloc[eval_idx], cfg.seg_mode, cfg.image_size, uint8=False,
+                                            **cache_args)
+    qc: list[list[str]] = [[] for _ in range(len(df))]
+    for rows, flags in ((idx["train"], train_qc), (eval_idx, eval_qc)):
+        for i, f in zip(rows, flags, strict=True):
+            qc[i] = f
+    eval_pos = {int(i): k for k, i in enumerate(eval_idx)}
+    cache_seconds = time.perf_counter() - t0
+    log.info("cached %d images (train at %dpx, evaluation at %dpx) in %.1fs", len(df), cache_size, cfg.image_size,
+             cache_seconds)
+
     both_all, _ = both_label_mask(df)
     if both_all is None:  # no source column: every row counts as one where the source cannot give the label away
         both_all = np.ones(len(df), dtype=bool)
     row_weight = np.where(both_all, float(cfg.both_label_weight), 1.0)
-    train_ds = CachedImageDataset(cache[idx["train"]], y_all[idx["train"]], build_train_transform(aug),
+    train_ds = CachedImageDataset(train_cache, y_all[idx["train"]], build_train_transform(aug),
                                   row_weight[idx["train"]], both_all[idx["train"]])
-    eval_tf = build_eval_transform(aug)
-    val_ds = CachedImageDataset(cache[idx["val"]], y_all[idx["val"]], eval_tf, None, both_all[idx["val"]])
+    val_ds = CachedImageDataset(eval_cache[: len(idx["val"])], y_all[idx["val"]], _as_float, None,
+                                both_all[idx["val"]])
     y_train = y_all[idx["train"]]
     counts = np.bincount(y_train, minlength=2).astype(float)
     class_weights = (len(y_train) / (2 * counts)).tolist() if cfg.balance == "loss" else None
@@ -785,7 +807,6 @@ def train_classifier(
     config: dict[str, Any] = {
         "arch": cfg.arch,
         "input_size": cfg.image_size,
-        "cache_size": cache_size,
         "normalization": {"name": cfg.normalization, "mean": list(mean), "std": list(std)},
         "seg_mode": cfg.seg_mode,
         "intensity": cfg.intensity,
@@ -802,7 +823,8 @@ def train_classifier(
 
     def predict_split(name: str) -> pd.DataFrame:
         rows = df.iloc[idx[name]].copy()
-        x = torch.stack([eval_tf(cache[i]) for i in idx[name]]) if len(rows) else torch.zeros((0, 1, 1, 1))
+        x = torch.stack([eval_cache[eval_pos[int(i)]].float() for i in idx[name]]) if len(rows) \
+            else torch.zeros((0, 1, cfg.image_size, cfg.image_size))
         margin, _ = art.forward_margins(x, batch_size=2 * cfg.batch_size)
         rows["y"] = y_all[idx[name]]
         rows["margin"] = margin
@@ -812,7 +834,7 @@ def train_classifier(
         rows["source_has_both_labels"] = both_all[idx[name]]
         return rows
 
-    from covidcxr.evaluate import choose_threshold, expected_calibration_error
+    from covidcxr.evaluation.metrics import choose_threshold, expected_calibration_error
 
     val_pred = predict_split("val")
     y_val = val_pred["y"].to_numpy()
@@ -898,7 +920,7 @@ def _choose_val_threshold(val_pred: pd.DataFrame, cfg: TrainConfig, choose: Any)
 
 def _evaluate_test(pred: pd.DataFrame, threshold: float, out_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Test metrics at the validation threshold; plots and reports need matplotlib, metrics.json does not."""
-    from covidcxr.evaluate import evaluate_predictions
+    from covidcxr.evaluation.metrics import evaluate_predictions
 
     title = f"{cfg.arch} seg={cfg.seg_mode} test split"
     try:
@@ -907,19 +929,11 @@ def _evaluate_test(pred: pd.DataFrame, threshold: float, out_dir: Path, cfg: Tra
         log.warning("matplotlib not installed: writing %s without plots or reports", out_dir / "metrics.json")
         result = evaluate_predictions(pred, threshold, None, n_boot=cfg.n_boot, seed=cfg.seed, title=title)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(_nan_to_none(result), indent=2, default=str) + "\n")
+        (out_dir / "metrics.json").write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
         return result
     return evaluate_predictions(pred, threshold, out_dir, n_boot=cfg.n_boot, seed=cfg.seed, title=title)
 
 
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_nan_to_none(v) for v in obj]
-    if isinstance(obj, float | np.floating) and not math.isfinite(obj):
-        return None
-    return obj.item() if isinstance(obj, np.generic) else obj
 
 
 def _best_epoch(history: Path, monitor: str, mode: str) -> int | None:

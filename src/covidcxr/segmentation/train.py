@@ -27,9 +27,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from covidcxr.device import default_num_workers, resolve_precision
 from covidcxr.errors import ConfigError, ManifestError
-from covidcxr.models import build_unet, unet_config
-from covidcxr.segment import WEIGHTS_NAME, source_key
-from covidcxr.transforms import build_seg_train_transform, normalise, resize_image, resize_mask
+from covidcxr.models.unet import build_unet, unet_config
+from covidcxr.segmentation.evaluate import source_key
+from covidcxr.segmentation.weights import WEIGHTS_NAME
+from covidcxr.transforms.joint import build_seg_train_transform, normalise
+from covidcxr.transforms.resize import resize_image, resize_mask
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def read_seg_manifest(path: str | os.PathLike[str], *, require_mask: bool = True
     Raises:
         ManifestError: Missing columns, empty values or missing files (all listed).
     """
-    from covidcxr.data import read_manifest
+    from covidcxr.data.manifest import read_manifest
 
     df = read_manifest(path, validate=False)  # the classifier checks (labels) do not apply to mask pairs
     raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
@@ -98,7 +100,7 @@ def split_pairs(df: pd.DataFrame, *, val: float = 0.15, test: float = 0.15, seed
     Raises:
         SplitError: Bad fractions or too few patients in a dataset.
     """
-    from covidcxr.data import patient_groups, patient_split
+    from covidcxr.data.split import patient_groups, patient_split
 
     component = patient_groups(df, "image")
     dataset_col = df["source"] if "source" in df.columns else df["mask_source"]
@@ -166,7 +168,7 @@ def select_split(df: pd.DataFrame, split_csv: str | os.PathLike[str], split: str
 
 
 def _load_pair(image_path: str, mask_path: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from covidcxr.io import load_image
+    from covidcxr.io.image import load_image
 
     image = load_image(image_path)[0]
     mask = load_image(mask_path)[0] >= 0.5
@@ -530,14 +532,14 @@ def train_segmenter(
             "test_pairs": table.loc[table["split"] == "test", ["rel_image", "rel_mask"]].to_numpy().tolist(),
         },
     )
-    from covidcxr.segment import save_unet
+    from covidcxr.segmentation.weights import save_unet
 
     weights = save_unet(model, cfg, out)
     log.info("exported %s (val Dice %s)", weights, metrics.get("val_dice"))
     if evaluate:
         _evaluate_test(table, weights, out, device="cuda" if _uses_cuda(trainer) else "cpu")
     if install:
-        from covidcxr.segment import install_weights
+        from covidcxr.segmentation.weights import install_weights
 
         install_weights(out)
     return weights
@@ -569,7 +571,8 @@ def _best_val_metrics(out: Path, checkpoint: Any) -> dict[str, float]:
 
 
 def _evaluate_test(table: pd.DataFrame, weights: Path, out: Path, *, device: str) -> dict[str, Any]:
-    from covidcxr.segment import LungSegmenter, dice_table, evaluate_masks
+    from covidcxr.segmentation.evaluate import dice_table, evaluate_masks
+    from covidcxr.segmentation.segmenter import LungSegmenter
 
     test = table[table["split"] == "test"]
     if test.empty:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import shlex
 import threading
 import time
 import uuid
@@ -31,7 +30,8 @@ from urllib.parse import quote
 import numpy as np
 
 from covidcxr import __version__
-from covidcxr.errors import ConfigError, ImageReadError, ImageTooLargeError, IndexError_, UnsupportedImageError
+from covidcxr.errors import CaseIndexError, ConfigError, ImageReadError, ImageTooLargeError, UnsupportedImageError
+from covidcxr.io.image import sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -93,39 +93,8 @@ class ServeSettings:
         return int(self.max_upload_mb * 1_000_000)
 
 
-def sniff_format(data: bytes) -> str | None:
-    """Upload format from the magic bytes: ``png``, ``jpeg``, ``dicom`` or None (the name is never trusted).
-
-    Args:
-        data: File content.
-
-    Returns:
-        The format, or None for anything else.
-    """
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[128:132] == b"DICM":
-        return "dicom"
-    return None
 
 
-def serve_command(model_dir: str | Path, index_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """The shell command that serves a model and index (printed by ``covidcxr demo``).
-
-    Args:
-        model_dir: Model artifact folder.
-        index_dir: Case index folder.
-        host: Bind address.
-        port: TCP port.
-
-    Returns:
-        e.g. ``covidcxr serve --model out/model --index out/index --host 127.0.0.1 --port 8000``.
-    """
-    parts = ["covidcxr", "serve", "--model", str(model_dir), "--index", str(index_dir), "--host", host,
-             "--port", str(port)]
-    return " ".join(shlex.quote(p) for p in parts)
 
 
 def png_base64(array: np.ndarray) -> str:
@@ -214,10 +183,10 @@ class CaseService:
 
         Raises:
             ModelError: Missing or corrupt model.
-            IndexError_: Missing or corrupt index; IndexMismatchError when built with another model.
+            CaseIndexError: Missing or corrupt index; IndexMismatchError when built with another model.
         """
-        from covidcxr.artifact import load_artifact
-        from covidcxr.index import CaseIndex
+        from covidcxr.classification.artifact import load_artifact
+        from covidcxr.retrieval.index import CaseIndex
 
         settings = settings or ServeSettings()
         t0 = time.perf_counter()
@@ -268,7 +237,7 @@ class CaseService:
             UnsupportedImageError: Not PNG/JPEG/DICOM, or a DICOM object this package refuses.
             ImageReadError: Corrupt or truncated file.
         """
-        from covidcxr.io import load_image_bytes
+        from covidcxr.io.image import load_image_bytes
 
         request_id = uuid.uuid4().hex[:12]
         limit = self.settings.max_upload_bytes
@@ -305,8 +274,8 @@ class CaseService:
             of the image, the heat map and the lung outline, all at one display size), ``similar_cases``,
             ``model`` and ``timing_ms``.
         """
-        from covidcxr.explain import explain, heatmap_rgba, outline_rgba
-        from covidcxr.segment import QC_MESSAGES
+        from covidcxr.classification.explain import explain, heatmap_rgba, outline_rgba
+        from covidcxr.segmentation.segmenter import QC_MESSAGES
 
         timing: dict[str, float] = {}
         with self._model_lock:
@@ -401,12 +370,12 @@ class CaseService:
 
         Raises:
             KeyError: Unknown case id.
-            IndexError_: The case has no readable image on this server.
+            CaseIndexError: The case has no readable image on this server.
         """
         from PIL import Image
 
         from covidcxr.errors import ImageError
-        from covidcxr.io import load_image
+        from covidcxr.io.image import load_image
 
         row = self._rows[case_id]  # KeyError for unknown ids
         with self._thumb_lock:
@@ -415,7 +384,7 @@ class CaseService:
                 return self._thumbs[case_id]
         source = self._thumb_source[row]
         if source is None:
-            raise IndexError_(f"case {case_id!r}: the index stores no image for it")
+            raise CaseIndexError(f"case {case_id!r}: the index stores no image for it")
         path = Path(source)
         if not path.is_absolute() and self.index_dir is not None:
             path = self.index_dir / path
@@ -423,7 +392,7 @@ class CaseService:
             image, _ = load_image(path)
         except ImageError as exc:
             log.warning("thumbnail of case %r unavailable: %s", case_id, exc.reason)
-            raise IndexError_(f"case {case_id!r}: image unavailable on this server") from exc
+            raise CaseIndexError(f"case {case_id!r}: image unavailable on this server") from exc
         shape = _fit_size(image.shape, self.settings.thumbnail_size)
         buf = io.BytesIO()
         Image.fromarray(np.uint8(np.rint(_resize(image, shape) * 255))).save(buf, format="PNG")
@@ -468,7 +437,7 @@ def masks_for_model(artifact: Any, segmenter_key: str | None, mask: np.ndarray) 
 
 def _pick_segmenter(artifact: Any, weights: str | Path | None) -> tuple[Any, str | None]:
     """The model's own segmenter when it has one (masks reusable by the model), else the given or shipped one."""
-    from covidcxr.segment import LungSegmenter
+    from covidcxr.segmentation.segmenter import LungSegmenter
 
     if weights is not None:
         segmenter = LungSegmenter.load(weights)
@@ -511,9 +480,10 @@ def explain_file(
     """
     import json
 
-    from covidcxr.artifact import load_artifact
-    from covidcxr.explain import explain, outline_rgba, save_explanation
-    from covidcxr.io import load_image, save_png
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.classification.explain import explain, outline_rgba, save_explanation
+    from covidcxr.io.files import save_png
+    from covidcxr.io.image import load_image
 
     image_path, out = Path(image_path), Path(out_dir)
     artifact = load_artifact(model_dir, device)

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
@@ -169,55 +168,3 @@ def build_train_transform(cfg: AugmentConfig | Mapping[str, Any] | int) -> Calla
     if cfg.gamma != (1.0, 1.0):
         steps.append(RandomGamma(cfg.gamma))
     return v2.Compose(steps)
-
-
-def to_cache_image(image: np.ndarray, cache_size: int) -> torch.Tensor:
-    """Squash a float image in [0, 1] to a ``cache_size`` square and quantise it to uint8.
-
-    Squashing (not padding) keeps the whole field of view and removes the aspect ratio, itself a source cue.
-
-    Args:
-        image: float32 ``H x W`` array in [0, 1].
-        cache_size: Output side.
-
-    Returns:
-        ``uint8`` tensor ``(1, cache_size, cache_size)``.
-    """
-    from covidcxr.transforms import resize_image
-
-    if image.ndim != 2:
-        raise ConfigError(f"expected a 2-D grey image, got shape {image.shape}")
-    # Pillow's antialiased bilinear (same triangle filter as torch's antialias=True, <= 1 grey level apart) is
-    # 3x faster per image on CPU; training's cache and inference both come through here.
-    t = resize_image(image, cache_size)
-    return (t.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)[None]
-
-
-INTENSITY_MODES = ("none", "clahe")
-
-
-def standardise_intensity(image: torch.Tensor, mode: str) -> torch.Tensor:
-    """Intensity standardisation of a prepared uint8 square (after the segmentation mode and resizing).
-
-    ``clahe``: contrast-limited adaptive histogram equalisation (OpenCV, clip limit 2, 8 x 8 tiles). It evens out
-    the contrast and brightness curves that differ between scanners and archives, cues a model could otherwise
-    use to recognise the source instead of the disease.
-
-    Args:
-        image: ``uint8`` tensor ``(1, S, S)``.
-        mode: One of :data:`INTENSITY_MODES`.
-
-    Returns:
-        ``uint8`` tensor ``(1, S, S)``.
-
-    Raises:
-        ConfigError: Unknown mode.
-    """
-    if mode not in INTENSITY_MODES:
-        raise ConfigError(f"unknown intensity mode {mode!r}; valid: {', '.join(INTENSITY_MODES)}")
-    if mode == "none":
-        return image
-    import cv2
-
-    out = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(np.ascontiguousarray(image[0].numpy()))
-    return torch.from_numpy(out)[None]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from covidcxr.errors import ConfigError
-from covidcxr.segment import lung_crop_box
+from covidcxr.transforms.lung import lung_crop_box
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ def explain(
     image_weight: float = 0.6,
     mask_for_model: bool = True,
 ) -> Explanation:
-    """Explain one image with Grad-CAM.
+    """Explain one image with Grad-CAM (one forward pass per network, see ``BaseArtifact.analyze``).
 
     Args:
-        artifact: A loaded :class:`~covidcxr.artifact.ModelArtifact` or :class:`~covidcxr.artifact.EnsembleArtifact`.
+        artifact: A loaded classifier or ensemble artifact.
         image: float32 ``H x W`` in [0, 1].
         mask: Lung mask ``H x W`` (nonzero = lung). Used for the lung-energy share and, for models trained with
             a segmentation mode, as their mask (so no second segmentation runs). None: no lung-energy share, and
@@ -79,34 +79,42 @@ def explain(
         mask = np.asarray(mask)
         if mask.shape != image.shape:
             raise ConfigError(f"mask shape {mask.shape} differs from image shape {image.shape}")
-    members, weights = _members(artifact)
-    model_mask = mask if mask_for_model else None
-    maps = [member_heatmap(m, image, model_mask, target_class=target_class) for m in members]
-    heat = np.average(np.stack(maps), axis=0, weights=weights) if len(maps) > 1 else maps[0]
-    heat = _rescale(heat)
+    if not hasattr(artifact, "analyze"):
+        raise ConfigError(f"cannot explain a {type(artifact).__name__}: expected a loaded model artifact")
+    pred = artifact.analyze(image, mask if mask_for_model else None, explain=True, target_class=target_class)
+    return explanation_from(pred, image, mask, image_weight=image_weight, target_class=target_class,
+                            n_members=len(artifact.members))
+
+
+def explanation_from(
+    pred: Any, image: np.ndarray, mask: np.ndarray | None, *, image_weight: float = 0.6,
+    target_class: int = POSITIVE_CLASS, n_members: int = 1,
+) -> Explanation:
+    """The :class:`Explanation` of an ``analyze(explain=True)`` prediction of one image."""
+    heat = pred.heatmaps[0]
     return Explanation(
         heatmap=heat,
         overlay=overlay_heatmap(image, heat, image_weight=image_weight),
         lung_energy_fraction=lung_energy_fraction(heat, mask) if mask is not None else None,
         target_class=int(target_class),
-        n_members=len(members),
+        n_members=n_members,
     )
 
 
-def member_heatmap(
-    member: Any, image: np.ndarray, mask: np.ndarray | None = None, *, target_class: int = POSITIVE_CLASS
-) -> np.ndarray:
-    """Grad-CAM map of one classifier artifact, in the geometry of ``image``.
+def gradcam_forward(member: Any, x: Any, target_class: int = POSITIVE_CLASS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One forward and backward pass of a classifier: logit margin, embedding and Grad-CAM grid together.
+
+    Only the target layer's activations need gradients: every parameter is frozen and the autograd graph starts
+    at the layer's input, so backward runs through the target layer and the head only. The forward runs under the
+    artifact's inference autocast, so the margin equals :meth:`ModelArtifact.forward_margins` up to rounding.
 
     Args:
-        member: A loaded :class:`~covidcxr.artifact.ModelArtifact` (``.model``, ``.device``, ``.preprocess``,
-            ``.seg_mode``).
-        image: float32 ``H x W`` in [0, 1].
-        mask: Lung mask for models trained with a segmentation mode (None: the artifact's segmenter predicts it).
+        member: A loaded :class:`~covidcxr.classification.inference.ModelArtifact`.
+        x: Its preprocessed input ``(1, 1, S, S)``.
         target_class: Class to explain.
 
     Returns:
-        float32 ``H x W`` in [0, 1].
+        ``(margin (1,), L2-normalised embedding (1, D), grid S x S in [0, 1])``.
 
     Raises:
         ConfigError: ``target_class`` is not a class of the model.
@@ -115,34 +123,59 @@ def member_heatmap(
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from covidcxr.models import gradcam_target_layer
+    from covidcxr.classification.inference import l2_normalise
+    from covidcxr.models.classifier import gradcam_target_layer
 
     model = member.model
     n_classes = int(getattr(model, "num_classes", 2))
     if not 0 <= int(target_class) < n_classes:
         raise ConfigError(f"target_class={target_class}: the model has classes 0..{n_classes - 1}")
-    if member.seg_mode == "crop" and mask is None:
-        mask = member.segment([image])[0][0]  # the crop box must be known to map the heat map back
-    x = member.preprocess(image, mask)[None].to(member.device)
+    x = x.to(member.device, memory_format=member.memory_format)
     layer = gradcam_target_layer(model)
     was_training = model.training
+    model.eval()
     grad_flags = [p.requires_grad for p in model.parameters()]
-    # Only the target layer's activations need gradients: freeze every parameter and start the autograd graph at
-    # the layer's input, so backward runs through the target layer and the head only (not the whole network).
     for p in model.parameters():
         p.requires_grad_(False)
-    handle = layer.register_forward_pre_hook(_start_graph_here)
+    feats: list[Any] = []
+    # The target layer's output in float32: pytorch-grad-cam reads activations and gradients as numpy (no bf16).
+    hooks = [layer.register_forward_pre_hook(_start_graph_here),
+             layer.register_forward_hook(lambda _m, _a, out: out.float()),
+             model.head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))]
     try:
-        with torch.enable_grad(), GradCAM(model=model, target_layers=[layer]) as cam:
+        with torch.enable_grad(), member.autocast(), GradCAM(model=model, target_layers=[layer]) as cam:
             grid = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(target_class))])[0]
+            logits = cam.outputs.detach().float()
     finally:
-        handle.remove()
+        for h in hooks:
+            h.remove()
         for p, flag in zip(model.parameters(), grad_flags, strict=True):
             p.requires_grad_(flag)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    grid = np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
-    return _to_image_geometry(grid, image, mask, member.seg_mode)
+    margin = (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64)
+    emb = l2_normalise(feats[-1].float().cpu().numpy())
+    return margin, emb, np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
+
+
+def member_heatmap(
+    member: Any, image: np.ndarray, mask: np.ndarray | None = None, *, target_class: int = POSITIVE_CLASS
+) -> np.ndarray:
+    """Grad-CAM map of one classifier artifact, in the geometry of ``image``.
+
+    Args:
+        member: A loaded :class:`~covidcxr.classification.inference.ModelArtifact`.
+        image: float32 ``H x W`` in [0, 1].
+        mask: Lung mask for models trained with a segmentation mode (None: the artifact's segmenter predicts it).
+        target_class: Class to explain.
+
+    Returns:
+        float32 ``H x W`` in [0, 1].
+    """
+    by_key, qc = member.member_masks([image], [mask])
+    used = by_key.get(member.segmenter_key) if member.segmenter_key else None
+    _, _, grid = gradcam_forward(member, member.preprocess_batch([image], used, qc), target_class)
+    return to_image_geometry(grid, image, used[0] if used else None, member.seg_mode)
 
 
 def lung_energy_fraction(heatmap: np.ndarray, mask: np.ndarray) -> float | None:
@@ -249,7 +282,7 @@ def save_explanation(explanation: Explanation, out_dir: Any, stem: str = "explan
     """
     from pathlib import Path
 
-    from covidcxr.io import save_png
+    from covidcxr.io.files import save_png
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,14 +300,6 @@ def _check_image(image: Any) -> np.ndarray:
     return np.clip(arr.astype(np.float32, copy=False), 0.0, 1.0)
 
 
-def _members(artifact: Any) -> tuple[list[Any], np.ndarray]:
-    members = getattr(artifact, "members", None)
-    if members:
-        weights = np.asarray(getattr(artifact, "member_weights", np.ones(len(members))), dtype=np.float64)
-        return list(members), weights
-    if not hasattr(artifact, "model"):
-        raise ConfigError(f"cannot explain a {type(artifact).__name__}: expected a loaded model artifact")
-    return [artifact], np.ones(1)
 
 
 def _start_graph_here(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -285,10 +310,6 @@ def _start_graph_here(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
                  else a for a in args)
 
 
-def _rescale(heat: np.ndarray) -> np.ndarray:
-    heat = np.clip(np.asarray(heat, dtype=np.float32), 0.0, None)
-    top = float(heat.max(initial=0.0))
-    return heat / top if top > 0 else heat
 
 
 def _resize(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -300,7 +321,7 @@ def _resize(grid: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(grid.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
-def _to_image_geometry(grid: np.ndarray, image: np.ndarray, mask: np.ndarray | None, seg_mode: str) -> np.ndarray:
+def to_image_geometry(grid: np.ndarray, image: np.ndarray, mask: np.ndarray | None, seg_mode: str) -> np.ndarray:
     """Undo the preprocessing geometry: the input square is the whole image squashed, or the lung box squashed."""
     h, w = image.shape
     lung = None if mask is None else np.asarray(mask) > 0

@@ -27,11 +27,12 @@ from scipy import ndimage
 from scipy.ndimage import gaussian_filter
 
 from covidcxr.errors import ConfigError
-from covidcxr.io import save_png, write_dicom
+from covidcxr.io.dicom import write_dicom
+from covidcxr.io.files import save_png
+from covidcxr.vocab import LABELS
 
 logger = logging.getLogger(__name__)
 
-LABELS = ("non_covid", "covid")  # same order as covidcxr.data.LABELS: index 1 = covid = positive
 MANIFEST_COLUMNS = ("image", "mask", "label", "patient_id", "source", "view", "study_date")
 # name -> (covid prevalence, exposure style): both sites hold both labels, with different looks.
 SOURCES = {

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import shutil
-import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,29 +37,33 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidcxr.errors import ConfigError, IndexError_, IndexMismatchError, NotFittedError
+from covidcxr.errors import CaseIndexError, ConfigError, IndexMismatchError, NotFittedError
+from covidcxr.retrieval.storage import (
+    FORMAT_VERSION,
+    HEADER_FILE,
+    INDEX_FILE,
+    METADATA_FILE,
+    PCA_FILE,
+    REQUIRED_COLUMNS,
+    _backup_path,
+    _fsync_dir,
+    _fsync_file,
+    _import_faiss,
+    _read_metadata,
+    _swap_in,
+    _write_faiss,
+    _write_header,
+    _write_metadata,
+)
+from covidcxr.vocab import LABELS
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-HEADER_FILE = "header.json"
-INDEX_FILE = "index.faiss"
-PCA_FILE = "pca.faiss"
-METADATA_FILE = "metadata.sqlite"
-REQUIRED_COLUMNS = ("case_id", "patient_id", "label")
 KINDS = ("auto", "exact", "hnsw", "ivf")
 METRICS = ("ip", "l2")
 # Mirrors covidcxr.data.LABELS; not imported from there because data.py pulls in torch.
-LABELS = ("non_covid", "covid")
-POSITIVE_LABEL = LABELS[1]
 
 
-def _import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as exc:  # pragma: no cover - faiss-cpu is a hard dependency
-        raise ImportError("covidcxr.index needs faiss: pip install faiss-cpu") from exc
-    return faiss
 
 
 @dataclass(frozen=True)
@@ -420,13 +423,13 @@ class CaseIndex:
 
         Raises:
             NotFittedError: the index is not fitted.
-            IndexError_: ``directory`` exists and is not a case index (it is never overwritten).
+            CaseIndexError: ``directory`` exists and is not a case index (it is never overwritten).
         """
         self._check_fitted()
         directory = Path(directory)
         if (directory.exists() and not (directory / HEADER_FILE).is_file()
                 and (directory.is_file() or any(directory.iterdir()))):
-            raise IndexError_(f"{directory}: exists and is not a case index (no {HEADER_FILE}); refusing to "
+            raise CaseIndexError(f"{directory}: exists and is not a case index (no {HEADER_FILE}); refusing to "
                               "replace it")
         directory.parent.mkdir(parents=True, exist_ok=True)
         faiss = _import_faiss()
@@ -481,7 +484,7 @@ class CaseIndex:
             The fitted index.
 
         Raises:
-            IndexError_: the directory is missing, incomplete or corrupt.
+            CaseIndexError: the directory is missing, incomplete or corrupt.
             IndexMismatchError: format version, dimension or model hash differ from what is expected.
         """
         directory = Path(directory)
@@ -493,15 +496,15 @@ class CaseIndex:
                 logger.warning("%s: incomplete; loading the previous index from %s", directory, backup)
                 src = backup
             elif not directory.exists():
-                raise IndexError_(f"{directory}: no such index directory")
+                raise CaseIndexError(f"{directory}: no such index directory")
             else:
-                raise IndexError_(f"{directory}: not a case index (missing {HEADER_FILE})")
+                raise CaseIndexError(f"{directory}: not a case index (missing {HEADER_FILE})")
         try:
             header = json.loads((src / HEADER_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise IndexError_(f"{src / HEADER_FILE}: unreadable index header ({exc})") from exc
+            raise CaseIndexError(f"{src / HEADER_FILE}: unreadable index header ({exc})") from exc
         if not isinstance(header, dict):
-            raise IndexError_(f"{src / HEADER_FILE}: index header is not a JSON object")
+            raise CaseIndexError(f"{src / HEADER_FILE}: index header is not a JSON object")
         version = header.get("format_version")
         if version != FORMAT_VERSION:
             raise IndexMismatchError(
@@ -512,7 +515,7 @@ class CaseIndex:
             dim, index_dim, count = int(header["dim"]), int(header["index_dim"]), int(header["count"])
             params, kind = dict(header["params"]), str(header["kind"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise IndexError_(f"{src / HEADER_FILE}: index header lacks or garbles a field ({exc})") from exc
+            raise CaseIndexError(f"{src / HEADER_FILE}: index header lacks or garbles a field ({exc})") from exc
         if expect_model_hash is not None and header.get("model_hash") != expect_model_hash:
             raise IndexMismatchError(
                 f"{src}: index was built with embedding model hash {header.get('model_hash')!r} but "
@@ -527,7 +530,7 @@ class CaseIndex:
             index = faiss.read_index(str(src / INDEX_FILE))
             pca = faiss.read_VectorTransform(str(src / PCA_FILE)) if header.get("pca") else None
         except RuntimeError as exc:
-            raise IndexError_(f"{src}: cannot read the FAISS files ({str(exc).splitlines()[0]})") from exc
+            raise CaseIndexError(f"{src}: cannot read the FAISS files ({str(exc).splitlines()[0]})") from exc
         if index.d != index_dim:
             raise IndexMismatchError(f"{src / INDEX_FILE}: FAISS index has dimension {index.d} but the header "
                                      f"says {index_dim}")
@@ -535,10 +538,10 @@ class CaseIndex:
             raise IndexMismatchError(f"{src / PCA_FILE}: PCA maps {pca.d_in} -> {pca.d_out} dimensions but the "
                                      f"header says {dim} -> {index_dim}")
         if pca is None and dim != index_dim:
-            raise IndexError_(f"{src}: header says {dim} -> {index_dim} dimensions but {PCA_FILE} is missing")
+            raise CaseIndexError(f"{src}: header says {dim} -> {index_dim} dimensions but {PCA_FILE} is missing")
         metadata = _read_metadata(src / METADATA_FILE)
         if not (index.ntotal == len(metadata) == count):
-            raise IndexError_(f"{src}: inconsistent counts: FAISS {index.ntotal}, metadata {len(metadata)}, "
+            raise CaseIndexError(f"{src}: inconsistent counts: FAISS {index.ntotal}, metadata {len(metadata)}, "
                               f"header {count}")
         obj = cls(**params)
         obj._validate_params()
@@ -756,160 +759,3 @@ def _exclusion_sets(exclude_patients: Any, n_queries: int) -> list[frozenset]:
         else:
             sets.append(frozenset(str(p) for p in item))
     return sets
-
-
-# ---------------------------------------------------------------------- file helpers (patchable in tests)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_faiss(path: Path, index: Any) -> None:
-    _import_faiss().write_index(index, str(path))
-    _fsync_file(path)
-
-
-def _write_metadata(path: Path, metadata: pd.DataFrame) -> None:
-    con = sqlite3.connect(path)
-    try:
-        frame = metadata.copy()
-        frame.insert(0, "row_id", np.arange(len(frame), dtype=np.int64))
-        frame.to_sql("cases", con, index=False, chunksize=50_000)
-        con.execute("CREATE UNIQUE INDEX cases_case_id ON cases(case_id)")
-        con.execute("CREATE INDEX cases_patient_id ON cases(patient_id)")
-        con.commit()
-    finally:
-        con.close()
-    _fsync_file(path)
-
-
-def _read_metadata(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise IndexError_(f"{path}: metadata table is missing")
-    try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            cur = con.execute("SELECT * FROM cases ORDER BY row_id")
-            columns = [c[0] for c in cur.description]
-            rows = cur.fetchall()
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        raise IndexError_(f"{path}: cannot read the metadata table ({exc})") from exc
-    missing = [c for c in ("row_id", *REQUIRED_COLUMNS) if c not in columns]
-    if missing:
-        raise IndexError_(f"{path}: metadata table lacks column(s) {missing}")
-    cols = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-    frame = pd.DataFrame({c: pd.Series(list(v), dtype=object) for c, v in zip(columns, cols, strict=True)})
-    if not np.array_equal(frame["row_id"].to_numpy(dtype=np.int64), np.arange(len(frame))):
-        raise IndexError_(f"{path}: metadata row_id values are not 0..{len(frame) - 1}")
-    return frame.drop(columns="row_id")
-
-
-def _write_header(path: Path, header: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(header, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _backup_path(directory: Path) -> Path:
-    return directory.with_name(f".{directory.name}.old")
-
-
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Move the complete ``tmp`` directory to ``directory``, keeping the old index until the new one is in place."""
-    backup = _backup_path(directory)
-    if backup.exists() and directory.exists():
-        shutil.rmtree(backup)  # leftover of an earlier save that crashed after its swap
-    if directory.exists():
-        if (directory / HEADER_FILE).is_file():
-            os.replace(directory, backup)
-        else:
-            directory.rmdir()  # empty directory (save() refuses non-empty non-index directories)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------- retrieval scores and metrics
-
-
-def knn_vote_scores(matches: Sequence[Sequence[Match]], positive_label: str = POSITIVE_LABEL) -> np.ndarray:
-    """Similarity-weighted share of positive (covid) neighbours per query.
-
-    Weights are the match scores clipped at 0; if all weights are 0 the plain share is used.
-
-    Args:
-        matches: result of :meth:`CaseIndex.search`.
-        positive_label: the label counted as positive.
-
-    Returns:
-        float array (n_queries,) in [0, 1]; NaN for a query without matches.
-    """
-    out = np.full(len(matches), np.nan, dtype=np.float64)
-    for i, ms in enumerate(matches):
-        if not ms:
-            continue
-        pos = np.array([m.label == positive_label for m in ms], dtype=np.float64)
-        w = np.clip(np.array([m.score for m in ms], dtype=np.float64), 0, None)
-        out[i] = float(pos @ w / w.sum()) if w.sum() > 0 else float(pos.mean())
-    return out
-
-
-def retrieval_metrics(
-    query_labels: Sequence[Any] | np.ndarray,
-    matches: Sequence[Sequence[Match]],
-    ks: Sequence[int] = (1, 5, 10),
-    map_k: int = 10,
-) -> dict[str, float]:
-    """Label-agreement precision@k and mAP@k of retrieval results.
-
-    precision@k is the share of the first k matches whose label equals the query's label (over the matches
-    returned, when fewer than k came back). AP@k averages precision@i over the ranks i <= k holding a same-label
-    match (0 when none does); mAP@k is its mean over queries.
-
-    Args:
-        query_labels: label of each query (``'covid'``/``'non_covid'`` or 1/0).
-        matches: result of :meth:`CaseIndex.search`, one list per query.
-        ks: cut-offs for precision@k.
-        map_k: cut-off for mAP.
-
-    Returns:
-        dict with ``precision@k`` per k, ``map@{map_k}`` and ``n_queries``.
-
-    Raises:
-        ConfigError: lengths differ or a cut-off is not a positive integer.
-    """
-    labels = [_normalise_label(v) for v in (query_labels.tolist() if isinstance(query_labels, np.ndarray)
-                                              else list(query_labels))]
-    if len(labels) != len(matches):
-        raise ConfigError(f"query_labels has {len(labels)} entries but matches has {len(matches)}")
-    ks = [_check_int("ks", k, 1) for k in ks]
-    map_k = _check_int("map_k", map_k, 1)
-    out: dict[str, float] = {}
-    rel = [np.array([m.label == lab for m in ms], dtype=np.float64) for lab, ms in zip(labels, matches, strict=True)]
-    for k in ks:
-        vals = [r[:k].mean() for r in rel if len(r)]
-        out[f"precision@{k}"] = float(np.mean(vals)) if vals else float("nan")
-    aps = []
-    for r in rel:
-        top = r[:map_k]
-        hits = np.flatnonzero(top)
-        aps.append(float(np.mean(np.cumsum(top)[hits] / (hits + 1))) if hits.size else 0.0)
-    out[f"map@{map_k}"] = float(np.mean(aps)) if aps else float("nan")
-    out["n_queries"] = float(len(labels))
-    return out

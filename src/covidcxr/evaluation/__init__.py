@@ -1,0 +1,1 @@
+"""Metrics with patient-bootstrap CIs, threshold choice, calibration and metric reports (no torch)."""

@@ -1,0 +1,1 @@
+"""Networks: the backbone registry with typed pretrained configs, the classifier, pretrained weights, the U-Net."""
