@@ -36,12 +36,18 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_flags, cpu_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="model artifact (default: build a toy one)")
     p.add_argument("--index", type=Path, default=None, help="case index (default: build a toy one)")
+    p.add_argument("--shipped", action="store_true",
+                   help="serve the shipped classifier with an index it builds of --cases images (the first rows of "
+                        "--index-manifest, else a synthetic cohort); upload a CC BY sample CXR unless --image")
+    p.add_argument("--index-manifest", type=Path, default=None, help="manifest whose first --cases rows are indexed")
     p.add_argument("--image", type=Path, default=None, help="file to upload (default: synthetic PNG)")
     p.add_argument("--image-size", type=int, default=1024, help="side of the synthetic upload (default 1024)")
     p.add_argument("--input-size", type=int, default=224, help="toy model input size (default 224)")
@@ -102,9 +108,35 @@ def build_toy(root: Path, args: argparse.Namespace) -> tuple[Path, Path, dict[st
     return toy.model_dir, toy.index_dir, info
 
 
+def build_shipped(root: Path, args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any]]:
+    """The shipped classifier and an index of ``args.cases`` images embedded with it."""
+    from covidcxr.classification.artifact import load_artifact, shipped_model_dir
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.data.synth import make_cohort
+    from covidcxr.retrieval.workflow import build_index
+
+    t0 = time.perf_counter()
+    if args.index_manifest is not None:
+        df, source = read_manifest(args.index_manifest).head(args.cases), str(args.index_manifest)
+    else:
+        df, source = read_manifest(make_cohort(root / "cohort", n_patients=args.cases, size=512)), "synthetic cohort"
+    model = shipped_model_dir()
+    build_index(load_artifact(model, "cpu"), df, root / "index", progress=False, num_workers=2)
+    cfg = json.loads((model / "config.json").read_text())
+    info = {"kind": "shipped classifier", "arch": cfg["arch"], "input_size": cfg["input_size"],
+            "seg_mode": cfg["seg_mode"], "index_cases": len(df), "index_source": source,
+            "build_seconds": round(time.perf_counter() - t0, 1)}
+    return model, root / "index", info
+
+
 def make_upload(root: Path, args: argparse.Namespace) -> tuple[bytes, str]:
     if args.image is not None:
         return args.image.read_bytes(), args.image.name
+    if args.shipped:
+        from covidcxr.demo import SAMPLES, SAMPLES_DIR
+
+        name = sorted(SAMPLES)[0]
+        return (SAMPLES_DIR / name).read_bytes(), name
     from covidcxr.data.synth import draw_cxr
     from covidcxr.io.files import save_png
 
@@ -181,7 +213,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     lines = [
         "# Serve load benchmark",
         "",
-        (f"`{result['command']}` on {result['machine']['cpus']} CPU cores ({result['machine']['platform']}), "
+        (f"`{result['command']}` on {result['machine']['cpus']} CPU cores ({result['machine'].get('cpu_model')}, "
+        f"flags {', '.join(result['machine'].get('cpu_flags') or [])}; {result['machine']['platform']}), "
         f"{result['date']}; 1-min load average {result['machine']['loadavg_1min_before']} before, "
         f"{result['machine']['loadavg_1min_after']} after."),
         "",
@@ -214,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         if (args.model is None) != (args.index is None):
             raise SystemExit("give both --model and --index, or neither (a toy model and index are built)")
-        if args.model is None:
+        if args.shipped:
+            model, index, model_info = build_shipped(root / "shipped", args)
+        elif args.model is None:
             model, index, model_info = build_toy(root / "toy", args)
         else:
             model, index = args.model, args.index
@@ -252,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serve_load",
         "command": " ".join(["python benchmarks/serve_load.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
+                    "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_1min_before": load_before, "loadavg_1min_after": round(os.getloadavg()[0], 2)},
         "model": model_info | {"version": health["model"]},
         "index_cases": health["index_cases"],

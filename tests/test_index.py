@@ -267,7 +267,7 @@ def test_crash_between_renames_recovers_previous_index(tmp_path, data, monkeypat
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(index_mod.os, "replace", replace_then_die)
+    monkeypatch.setattr(os, "replace", replace_then_die)  # the os module that storage.py renames with
     with pytest.raises(KeyboardInterrupt):
         CaseIndex.load(path).add(x[200:], meta[200:]).save(path)
     monkeypatch.undo()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,8 +127,8 @@ def model_card(config: dict[str, Any], df: pd.DataFrame, val: pd.DataFrame, vari
         "",
         "## Preprocessing (stored in `config.json`, applied by the package — never re-specify it)",
         (f"Decode to grey [0, 1] → lung mask by the package's lung U-Net (referenced by SHA-256 "
-        f"`{config['segmenter']['sha256'][:16]}…`) → `{config['seg_mode']}` → squash to {config['cache_size']} px, "
-        f"uint8 → resize to {config['input_size']} px → grey replicated to 3 channels, normalised with mean "
+        f"`{config['segmenter']['sha256'][:16]}…`) → `{config['seg_mode']}` → one antialiased squash to "
+        f"{config['input_size']} px (`covidcxr.transforms.preprocess`) → grey replicated to 3 channels, normalised with mean "
         f"{config['normalization']['mean']} / std {config['normalization']['std']} inside the network."),
         "",
         "## Calibration and operating point",
@@ -143,6 +144,11 @@ def model_card(config: dict[str, Any], df: pd.DataFrame, val: pd.DataFrame, vari
         f"{tr.get('val_auc_both', float('nan')):.3f}; ECE after calibration {expected_calibration_error(y, p):.3f}."),
         "",
     ]
+    if config.get("recalibrated"):
+        b = config["recalibrated"]["before"]
+        lines += [(f"Recalibrated {config['recalibrated']['date']} ({config['recalibrated']['reason']}): before, "
+                   f"T = {b['temperature']:.3f}, threshold {b['threshold']:.4f}, validation ROC AUC "
+                   f"{b['val_auc']:.3f}, on two-label sources {b['val_auc_both']:.3f}."), ""]
     if transfer:
         runs = [r for r in transfer.get("runs", []) if r["variant"] == variant]
         summ = transfer.get("summary", {}).get(variant, {})
@@ -203,6 +209,51 @@ def model_card(config: dict[str, Any], df: pd.DataFrame, val: pd.DataFrame, vari
     return "\n".join(lines) + "\n"
 
 
+def recalibrate(run: Path, mask_dir: Path) -> None:
+    """Refit the temperature and the threshold of a finished run on validation predictions made by this package.
+
+    The weights stay; the validation rows are predicted again through the package's one preprocessing path (so a
+    change of preprocessing never leaves a stale operating point behind), then calibrated and thresholded the way
+    training does (Youden's J on two-label-source rows when each class has at least 5 of them).
+    """
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.evaluation.calibration import apply_temperature, fit_temperature, nll
+    from covidcxr.evaluation.metrics import choose_threshold, expected_calibration_error, safe_auc
+    from covidcxr.io.files import write_json
+
+    art = load_artifact(run, "cpu")
+    val = pd.read_csv(run / "val_predictions.csv")
+    out, _ = art.predict_manifest(val[["image"]], mask_dir=mask_dir, num_workers=2)
+    raw = out["prob_uncalibrated"] if "prob_uncalibrated" in out else out["prob"]
+    raw = np.clip(raw.to_numpy(dtype=np.float64), 1e-12, 1 - 1e-12)
+    margin = np.log(raw / (1 - raw))
+    y = val["y"].to_numpy()
+    both = val["source_has_both_labels"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    temperature = fit_temperature(margin, y)
+    prob = apply_temperature(margin, temperature)
+    rows = "both_labels" if np.bincount(y[both], minlength=2).min() >= 5 else "all"
+    sel = both if rows == "both_labels" else np.ones(len(y), bool)
+    threshold = choose_threshold(y[sel], prob[sel], "youden")
+    config = json.loads((run / "config.json").read_text())
+    before = {k: config.get(k) for k in ("temperature", "threshold", "val_auc", "val_auc_both")}
+    config.update(temperature=temperature, threshold=threshold, threshold_rows=rows, val_auc=safe_auc(y, prob),
+                  val_auc_both=safe_auc(y[both], prob[both]))
+    config["training"].update(val_auc=config["val_auc"], val_auc_both=config["val_auc_both"], threshold_rows=rows)
+    config["training"]["calibration"] = {
+        "temperature": temperature, "val_nll_before": nll(margin, y, 1.0), "val_nll_after": nll(margin, y, temperature),
+        "val_ece_before": expected_calibration_error(y, apply_temperature(margin, 1.0)),
+        "val_ece_after": expected_calibration_error(y, prob)}
+    config["recalibrated"] = {"reason": "validation predicted again with the current preprocessing; same weights",
+                              "before": before, "date": time.strftime("%Y-%m-%d")}
+    val["margin"], val["prob_uncalibrated"], val["prob"] = margin, apply_temperature(margin, 1.0), prob
+    val["pred_label"] = np.where(prob >= threshold, "covid", "non_covid")
+    val.to_csv(run / "val_predictions.csv", index=False)
+    write_json(run / "config.json", config)
+    log.info("recalibrated %s: T %.3f -> %.3f, threshold %.4f -> %.4f, val AUC %.4f, two-label %.4f", run,
+             before["temperature"], temperature, before["threshold"], threshold, config["val_auc"],
+             config["val_auc_both"])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", type=Path, default=Path("../shared/data/cxr/manifest.csv"))
@@ -213,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", action="store_true", help=f"write the model into {INSTALL_DIR}")
     p.add_argument("--transfer-results", type=Path, default=ROOT / "benchmarks" / "results" / "transfer.json")
     p.add_argument("--reuse", action="store_true", help="export an existing run in --out-dir without training")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="with --reuse: predict validation again, refit temperature and threshold (same weights)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -228,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         train_classifier(df, run, force=True, seed=args.seed, epochs=args.epochs, patience=0, eval_test=False,
                          weights_dtype="float16", mask_dir=str(args.out_dir / "masks"), progress=False,
                          **{**BASE, **VARIANTS[args.variant]})
+    if args.recalibrate:
+        recalibrate(run, args.out_dir / "masks")
     transfer = json.loads(args.transfer_results.read_text()) if args.transfer_results.is_file() else None
     dest = INSTALL_DIR if args.install else args.out_dir / "export"
     export(run, dest, df, args.variant, transfer)

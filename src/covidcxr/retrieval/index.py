@@ -16,7 +16,10 @@ On disk an index is one directory::
 Saves are atomic: the new directory is written next to the old one and swapped in with renames, so a crash at any
 point leaves a loadable index (the previous one, or the new one once complete).
 
-This module never imports torch, so search can be served and tested without it.
+This module never imports torch, so search can be served and tested without it. It is longer than most: the
+estimator's fit, add, search, save and load share one set of invariants (dimension, PCA, kind, metadata rows =
+FAISS ids), and splitting the class would scatter them; file writing and metadata live in ``storage`` and
+``metadata``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.errors import CaseIndexError, ConfigError, IndexMismatchError, NotFittedError
+from covidcxr.retrieval.metadata import _check_metadata, _exclusion_sets, _is_missing, _read_metadata, _write_metadata
 from covidcxr.retrieval.storage import (
     FORMAT_VERSION,
     HEADER_FILE,
@@ -49,13 +52,10 @@ from covidcxr.retrieval.storage import (
     _fsync_dir,
     _fsync_file,
     _import_faiss,
-    _read_metadata,
     _swap_in,
     _write_faiss,
     _write_header,
-    _write_metadata,
 )
-from covidcxr.vocab import LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -670,92 +670,11 @@ def _check_embeddings(x: Any, name: str, dim: int | None = None) -> np.ndarray:
     return arr
 
 
-def _normalise_label(value: Any) -> str:
-    if isinstance(value, bool | np.bool_):
-        return LABELS[int(value)]
-    if isinstance(value, int | np.integer | float | np.floating) and value in (0, 1):
-        return LABELS[int(value)]
-    return str(value)
 
 
-def _to_storable(value: Any) -> Any:
-    """Map a metadata value to a type SQLite stores and returns unchanged (str, int, float or None)."""
-    if _is_missing(value):
-        return None
-    if isinstance(value, bool | np.bool_):
-        return int(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
-    if isinstance(value, str | int | float):
-        return value
-    if isinstance(value, _dt.date):  # includes datetime and pd.Timestamp
-        return value.isoformat()
-    if isinstance(value, np.datetime64):
-        return None if np.isnat(value) else pd.Timestamp(value).isoformat()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise ConfigError(f"metadata value {value!r} of type {type(value).__name__} cannot be stored; use str, int, "
-                      "float, dates or None")
 
 
-def _is_missing(value: Any) -> bool:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return True
-    return isinstance(value, float | np.floating) and math.isnan(value)
 
 
-def _check_metadata(metadata: Any, n: int) -> pd.DataFrame:
-    if isinstance(metadata, pd.DataFrame):
-        df = metadata.reset_index(drop=True)
-    elif isinstance(metadata, Sequence) and not isinstance(metadata, str) and all(
-        isinstance(r, Mapping) for r in metadata
-    ):
-        df = pd.DataFrame.from_records(list(metadata)) if len(metadata) else pd.DataFrame()
-    else:
-        raise ConfigError(f"metadata must be a pandas DataFrame or a list of dicts, got {type(metadata).__name__}")
-    if len(df) != n:
-        raise ConfigError(f"metadata has {len(df)} row(s) but there are {n} embedding(s)")
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise ConfigError(f"metadata lacks required column(s) {missing}; has {list(map(str, df.columns))}")
-    if "row_id" in df.columns:
-        raise ConfigError("metadata column 'row_id' is reserved (it stores the FAISS id)")
-    out: dict[str, list[Any]] = {}
-    for col in df.columns:
-        values = [_to_storable(v) for v in df[col].tolist()]
-        if col in REQUIRED_COLUMNS:
-            empty = [i for i, v in enumerate(values) if v is None or v == ""]
-            if empty:
-                raise ConfigError(f"metadata column {col!r} is empty in {len(empty)} row(s), e.g. rows {empty[:10]}")
-            values = [_normalise_label(v) for v in values] if col == "label" else [str(v) for v in values]
-        out[str(col)] = values
-    dupes = sorted(k for k, c in Counter(out["case_id"]).items() if c > 1)
-    if dupes:
-        shown = ", ".join(repr(d) for d in dupes[:20]) + (" ..." if len(dupes) > 20 else "")
-        raise ConfigError(f"metadata has {len(dupes)} duplicate case_id(s): {shown}")
-    return pd.DataFrame({c: pd.Series(v, dtype=object) for c, v in out.items()})
 
 
-def _exclusion_sets(exclude_patients: Any, n_queries: int) -> list[frozenset]:
-    if exclude_patients is None:
-        return [frozenset()] * n_queries
-    if isinstance(exclude_patients, str | int | np.integer):
-        return [frozenset({str(exclude_patients)})] * n_queries
-    if not isinstance(exclude_patients, Iterable):
-        raise ConfigError(f"exclude_patients must be None, a patient id or a list with one entry per query; got "
-                          f"{type(exclude_patients).__name__}")
-    items = list(exclude_patients)
-    if len(items) != n_queries:
-        raise ConfigError(f"exclude_patients has {len(items)} entries but there are {n_queries} queries; pass one "
-                          "patient id for all queries or one entry per query")
-    sets = []
-    for item in items:
-        if item is None:
-            sets.append(frozenset())
-        elif isinstance(item, str | int | np.integer):
-            sets.append(frozenset({str(item)}))
-        else:
-            sets.append(frozenset(str(p) for p in item))
-    return sets

@@ -12,7 +12,8 @@ import pandas as pd
 
 from covidcxr.data.manifest import both_label_mask
 from covidcxr.errors import ConfigError
-from covidcxr.retrieval.index import CaseIndex, Match, _check_int, _normalise_label
+from covidcxr.retrieval.index import CaseIndex, Match, _check_int
+from covidcxr.retrieval.metadata import _normalise_label
 from covidcxr.vocab import POSITIVE_LABEL
 
 # ---------------------------------------------------------------------- retrieval scores and metrics

@@ -14,7 +14,6 @@ joined to a path.
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import threading
@@ -32,6 +31,7 @@ import numpy as np
 from covidcxr import __version__
 from covidcxr.errors import CaseIndexError, ConfigError, ImageReadError, ImageTooLargeError, UnsupportedImageError
 from covidcxr.io.image import sniff_format
+from covidcxr.service.images import _fit_size, _resize, png_base64
 
 log = logging.getLogger(__name__)
 
@@ -97,32 +97,10 @@ class ServeSettings:
 
 
 
-def png_base64(array: np.ndarray) -> str:
-    """Encode a uint8 gray/RGB/RGBA array (or a float gray array in [0, 1]) as base64 PNG."""
-    from PIL import Image
-
-    arr = np.asarray(array)
-    if arr.dtype != np.uint8:
-        arr = np.uint8(np.rint(np.clip(arr, 0.0, 1.0) * 255))
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _fit_size(shape: tuple[int, int], longest: int) -> tuple[int, int]:
-    h, w = shape
-    scale = min(1.0, longest / max(h, w))
-    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def _resize(array: np.ndarray, shape: tuple[int, int], *, nearest: bool = False) -> np.ndarray:
-    import cv2
-
-    h, w = shape
-    if array.shape[:2] == (h, w):
-        return array
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-    return cv2.resize(array, (w, h), interpolation=interp)
 
 
 class CaseService:
@@ -193,7 +171,7 @@ class CaseService:
         artifact = load_artifact(model_dir, settings.device)
         index = CaseIndex.load(index_dir, expect_model_hash=artifact.weights_hash,
                                expect_dim=int(artifact.num_features))
-        segmenter, key = _pick_segmenter(artifact, settings.segmenter_weights)
+        segmenter, key = pick_segmenter(artifact, settings.segmenter_weights)
         log.info("loaded model %s (%s), index of %d cases and segmenter in %.1f s", model_dir,
                  artifact.weights_hash[:12], len(index), time.perf_counter() - t0)
         return cls(artifact, index, segmenter, settings, segmenter_key=key, index_dir=index_dir)
@@ -274,22 +252,12 @@ class CaseService:
             of the image, the heat map and the lung outline, all at one display size), ``similar_cases``,
             ``model`` and ``timing_ms``.
         """
-        from covidcxr.classification.explain import explain, heatmap_rgba, outline_rgba
+        from covidcxr.classification.explain import heatmap_rgba, outline_rgba
         from covidcxr.segmentation.segmenter import QC_MESSAGES
 
-        timing: dict[str, float] = {}
         with self._model_lock:
-            t = time.perf_counter()
-            seg = self.segmenter.predict([image])[0]
-            mask = np.asarray(seg.mask)
-            timing["segment"] = _ms(t)
-            t = time.perf_counter()
-            model_masks = masks_for_model(self.artifact, self.segmenter_key, mask)
-            pred = self.artifact.predict([image], model_masks, embeddings=True)
-            timing["classify"] = _ms(t)
-            t = time.perf_counter()
-            expl = explain(self.artifact, image, mask, mask_for_model=model_masks is not None)
-            timing["explain"] = _ms(t)
+            result = analyze_one(self.artifact, image, segmenter=self.segmenter, segmenter_key=self.segmenter_key)
+        pred, mask, heat, timing = result.prediction, result.mask, result.heatmap, result.timing
         t = time.perf_counter()
         matches = self.index.search(pred.embeddings[:1], k=self.settings.k)[0]
         timing["search"] = _ms(t)
@@ -300,12 +268,12 @@ class CaseService:
             "height": shape[0],
             "width": shape[1],
             "image_png": png_base64(_resize(image, shape)),
-            "heatmap_png": png_base64(heatmap_rgba(_resize(expl.heatmap, shape))),
+            "heatmap_png": png_base64(heatmap_rgba(_resize(heat, shape))),
             "lung_outline_png": png_base64(outline_rgba(_resize(mask.astype(np.uint8), shape, nearest=True))),
         }
         timing["encode"] = _ms(t)
-        qc = sorted(set(seg.qc_flags) | set(pred.qc_flags[0] if pred.qc_flags else []))
-        energy = expl.lung_energy_fraction
+        qc = result.qc_flags
+        energy = result.lung_energy_fraction
         prob = float(pred.prob[0])
         return {
             "probability": prob,
@@ -313,9 +281,9 @@ class CaseService:
             "threshold": float(self.artifact.threshold),
             "qc_flags": qc,
             "qc_messages": {f: QC_MESSAGES.get(f, f) for f in qc},
-            "lung_fraction": float(seg.lung_fraction),
+            "lung_fraction": result.lung_fraction,
             "lung_energy_fraction": energy,
-            "explanation_flags": ["heatmap_outside_lungs"] if energy is not None and energy < LOW_LUNG_ENERGY else [],
+            "explanation_flags": result.explanation_flags,
             "image": _image_facts(image, meta),
             "overlays": overlays,
             "similar_cases": [self._match_json(m) for m in matches],
@@ -404,6 +372,82 @@ class CaseService:
         return png
 
 
+@dataclass
+class Analysis:
+    """One image analysed: what the page, the CLI and the PACS client present.
+
+    Attributes:
+        prediction: The model's :class:`~covidcxr.classification.inference.Prediction` of the image (probability,
+            label, embedding, heat map; one forward pass per network).
+        mask: Lung mask ``H x W`` (uint8) shown with the result.
+        lung_fraction: Share of the image inside the lungs (None when the mask was given).
+        qc_flags: Segmentation and preprocessing QC flags.
+        heatmap: Grad-CAM heat map ``H x W`` in [0, 1].
+        lung_energy_fraction: Share of the heat map inside the lungs.
+        explanation_flags: ``heatmap_outside_lungs`` when that share is below :data:`LOW_LUNG_ENERGY`.
+        timing: Milliseconds per step.
+    """
+
+    prediction: Any
+    mask: np.ndarray
+    lung_fraction: float | None
+    qc_flags: list[str]
+    heatmap: np.ndarray
+    lung_energy_fraction: float | None
+    explanation_flags: list[str]
+    timing: dict[str, float]
+
+
+def analyze_one(
+    artifact: Any, image: np.ndarray, *, segmenter: Any = None, segmenter_key: str | None = None,
+    mask: np.ndarray | None = None,
+) -> Analysis:
+    """The one analysis of one image: lung mask, probability, embedding and Grad-CAM, each network run once.
+
+    Args:
+        artifact: Loaded classifier or ensemble artifact.
+        image: float32 ``H x W`` in [0, 1].
+        segmenter: Lung segmenter used when ``mask`` is None.
+        segmenter_key: SHA-256 of ``segmenter``'s weights; its mask is handed to the model when it is the model's
+            own segmenter (else the model segments with its own weights, as in training).
+        mask: A given lung mask (its QC is the caller's); None segments with ``segmenter``.
+
+    Returns:
+        The :class:`Analysis`.
+
+    Raises:
+        ConfigError: Neither a mask nor a segmenter, or a mask of another size.
+    """
+    from covidcxr.classification.explain import lung_energy_fraction
+
+    timing: dict[str, float] = {}
+    qc: list[str] = []
+    lung_fraction = None
+    t = time.perf_counter()
+    if mask is None:
+        if segmenter is None:
+            raise ConfigError("analyze_one needs a lung mask or a segmenter")
+        seg = segmenter.predict([image])[0]
+        mask, qc, lung_fraction = np.asarray(seg.mask).astype(np.uint8), list(seg.qc_flags), float(seg.lung_fraction)
+        timing["segment"] = _ms(t)
+    elif np.shape(mask) != np.shape(image):
+        raise ConfigError(f"mask is {np.shape(mask)[1]}x{np.shape(mask)[0]} but the image is "
+                          f"{image.shape[1]}x{image.shape[0]}")
+    t = time.perf_counter()
+    model_masks = masks_for_model(artifact, segmenter_key, mask)
+    pred = artifact.analyze(image, model_masks[0] if model_masks else None, explain=True)
+    timing["classify_explain"] = _ms(t)
+    heat = pred.heatmaps[0]
+    energy = lung_energy_fraction(heat, mask)
+    return Analysis(
+        prediction=pred, mask=mask, lung_fraction=lung_fraction,
+        qc_flags=sorted(set(qc) | set(pred.qc_flags[0] if pred.qc_flags else [])), heatmap=heat,
+        lung_energy_fraction=energy,
+        explanation_flags=["heatmap_outside_lungs"] if energy is not None and energy < LOW_LUNG_ENERGY else [],
+        timing=timing,
+    )
+
+
 def _ms(t0: float) -> float:
     return round(1000 * (time.perf_counter() - t0), 1)
 
@@ -430,100 +474,21 @@ def masks_for_model(artifact: Any, segmenter_key: str | None, mask: np.ndarray) 
     Returns:
         ``[mask]`` or None.
     """
-    members = getattr(artifact, "members", None) or [artifact]
-    keys = {m.segmenter_key for m in members} - {None}
+    keys = artifact.segmenter_keys
     return [mask] if keys and keys == {segmenter_key} else None
 
 
-def _pick_segmenter(artifact: Any, weights: str | Path | None) -> tuple[Any, str | None]:
+def pick_segmenter(artifact: Any, weights: str | Path | None) -> tuple[Any, str | None]:
     """The model's own segmenter when it has one (masks reusable by the model), else the given or shipped one."""
     from covidcxr.segmentation.segmenter import LungSegmenter
 
     if weights is not None:
         segmenter = LungSegmenter.load(weights)
         return segmenter, segmenter.weights_hash
-    members = getattr(artifact, "members", None) or [artifact]
-    for m in members:
+    for m in artifact.members:
         if m.segmenter_key is not None:
             return m.segmenter, m.segmenter_key
     return LungSegmenter.load(None), None
 
 
 # --------------------------------------------------------------------------------------------- CLI: explain
-def explain_file(
-    image_path: str | Path,
-    model_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    mask_path: str | Path | None = None,
-    segmenter_weights: str | Path | None = None,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Explain one image file: write the Grad-CAM overlay, heat map and lung mask, and a JSON summary.
-
-    Args:
-        image_path: PNG, JPEG, TIFF or DICOM file.
-        model_dir: Classifier or ensemble artifact folder.
-        out_dir: Output folder (created).
-        mask_path: Lung mask image (nonzero = lung); None predicts it with the model's or the shipped segmenter.
-        segmenter_weights: Lung-segmenter weights to use instead.
-        device: Inference device.
-
-    Returns:
-        The summary (also written to ``<stem>_explanation.json``): probability, label, threshold,
-        lung_energy_fraction, qc_flags and the files written.
-
-    Raises:
-        ImageError: Unreadable image or mask.
-        ModelError: Missing or corrupt model.
-        ConfigError: The mask does not match the image size.
-    """
-    import json
-
-    from covidcxr.classification.artifact import load_artifact
-    from covidcxr.classification.explain import explain, outline_rgba, save_explanation
-    from covidcxr.io.files import save_png
-    from covidcxr.io.image import load_image
-
-    image_path, out = Path(image_path), Path(out_dir)
-    artifact = load_artifact(model_dir, device)
-    image, _ = load_image(image_path)
-    qc: list[str] = []
-    if mask_path is not None:
-        mask_img, _ = load_image(mask_path)
-        mask = (mask_img > 0.5).astype(np.uint8)
-        if mask.shape != image.shape:
-            raise ConfigError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                              f"{image.shape[1]}x{image.shape[0]}")
-        key = None
-    else:
-        segmenter, key = _pick_segmenter(artifact, segmenter_weights)
-        seg = segmenter.predict([image])[0]
-        mask, qc = np.asarray(seg.mask).astype(np.uint8), list(seg.qc_flags)
-    model_masks = masks_for_model(artifact, key, mask)
-    pred = artifact.predict([image], model_masks)
-    expl = explain(artifact, image, mask, mask_for_model=model_masks is not None)
-    stem = image_path.stem
-    files = {k: str(v) for k, v in save_explanation(expl, out, stem).items()}
-    outline = outline_rgba(mask)
-    alpha = outline[..., 3:4].astype(np.float32) / 255.0
-    with_outline = np.uint8(np.rint(expl.overlay * (1 - alpha) + outline[..., :3] * alpha))
-    files["overlay_with_lungs"] = str(save_png(out / f"{stem}_gradcam_overlay_lungs.png", with_outline))
-    files["mask"] = str(save_png(out / f"{stem}_lung_mask.png", mask.astype(bool)))
-    energy = expl.lung_energy_fraction
-    summary = {
-        "image": str(image_path),
-        "probability": float(pred.prob[0]),
-        "label": pred.label[0],
-        "threshold": float(artifact.threshold),
-        "lung_energy_fraction": energy,
-        "explanation_flags": ["heatmap_outside_lungs"] if energy is not None and energy < LOW_LUNG_ENERGY else [],
-        "qc_flags": sorted(set(qc) | set(pred.qc_flags[0] if pred.qc_flags else [])),
-        "n_members": expl.n_members,
-        "model": artifact.weights_hash[:12],
-        "files": files,
-    }
-    summary_path = out / f"{stem}_explanation.json"
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    summary["files"]["summary"] = str(summary_path)
-    return summary

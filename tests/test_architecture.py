@@ -1,0 +1,90 @@
+"""The package layout is the architecture: imports point one way, and the torch-free layers stay torch-free.
+
+Layers, lowest first (a module may import its own layer and the ones below, never one above)::
+
+    errors, vocab  ->  device, io  ->  data  ->  transforms, models, evaluation  ->  segmentation
+    ->  classification  ->  retrieval  ->  service  ->  cli, web, pacs, demo
+
+Every import statement counts, including those inside functions (a lazy import pointing up is still a cycle in
+the design). See docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "covidcxr"
+
+LAYERS: dict[str, int] = {
+    "__init__": 0, "errors": 0, "vocab": 0,
+    "device": 1, "io": 1,
+    "data": 2,
+    "transforms": 3, "models": 3, "evaluation": 3,
+    "segmentation": 4,
+    "classification": 5,
+    "retrieval": 6,
+    "service": 7,
+    "cli": 8, "web": 8, "pacs": 8, "demo": 8, "__main__": 8,
+}
+
+
+def _top(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else "__init__"
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted(PKG.rglob("*.py")):
+        parts = path.relative_to(PKG).with_suffix("").parts
+        out.append(("covidcxr." + ".".join(parts) if parts != ("__init__",) else "covidcxr", path))
+    return out
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "covidcxr":  # from covidcxr import data, __version__
+                found += [(node.lineno, f"covidcxr.{a.name}") for a in node.names if a.name != "__version__"]
+            elif node.module.startswith("covidcxr."):
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("covidcxr.")]
+    return found
+
+
+def test_every_top_level_module_has_a_layer() -> None:
+    tops = {_top(m) for m, _ in _modules()}
+    assert tops <= set(LAYERS), f"add {sorted(tops - set(LAYERS))} to LAYERS (and docs/ARCHITECTURE.md)"
+
+
+def test_imports_point_one_way() -> None:
+    upward = []
+    for module, path in _modules():
+        own = LAYERS[_top(module)]
+        for line, target in _imports(path):
+            if LAYERS.get(_top(target), 99) > own:
+                upward.append(f"{path.relative_to(PKG)}:{line}: {module} (layer {own}) imports {target} "
+                              f"(layer {LAYERS.get(_top(target))})")
+    assert not upward, "imports pointing up:\n" + "\n".join(upward)
+
+
+def test_the_rule_catches_an_upward_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check must be able to fail: a data module importing the classifier is reported.
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from covidcxr.classification.artifact import load_artifact\n")
+    assert _imports(bad) == [(2, "covidcxr.classification.artifact")]
+    assert LAYERS[_top("covidcxr.classification.artifact")] > LAYERS["data"]
+
+
+@pytest.mark.parametrize("module", ["covidcxr.retrieval.index", "covidcxr.retrieval.metrics", "covidcxr.evaluation.metrics",
+                                    "covidcxr.evaluation.report", "covidcxr.data", "covidcxr.io", "covidcxr.vocab"])
+def test_torch_free_modules(module: str) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"{module} imports {out}"
