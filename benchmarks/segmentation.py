@@ -34,9 +34,9 @@ import torch
 
 from covidcxr.errors import CxrError
 from covidcxr.io.image import load_image
+from covidcxr.segmentation.data import read_seg_manifest, select_pairs, select_saved_split
 from covidcxr.segmentation.evaluate import dice_table, evaluate_masks
 from covidcxr.segmentation.segmenter import LungSegmenter
-from covidcxr.segmentation.train import read_seg_manifest, select_pairs, select_split
 
 logger = logging.getLogger("segmentation_benchmark")
 TARGETS = {"scr": 0.96, "ieee8023": 0.92, "images_per_s": 15.0}
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def select_rows(df: pd.DataFrame, args: argparse.Namespace, config: dict[str, Any]) -> tuple[pd.DataFrame, str]:
     """The evaluated pairs and a description of where they come from."""
     if args.split_csv is not None:
-        return select_split(df, args.split_csv, args.split), f"{args.split} split of {args.split_csv}"
+        return select_saved_split(df, args.split_csv, args.split), f"{args.split} split of {args.split_csv}"
     pairs = config.get("split", {}).get("test_pairs")
     if pairs:
         return select_pairs(df, pairs, what="weights' test pairs"), "test pairs recorded in the weights' JSON"

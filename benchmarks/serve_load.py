@@ -135,7 +135,7 @@ def make_upload(root: Path, args: argparse.Namespace) -> tuple[bytes, str]:
     if args.shipped:
         from covidcxr.demo import SAMPLES, SAMPLES_DIR
 
-        name = sorted(SAMPLES)[0]
+        name = min(SAMPLES)
         return (SAMPLES_DIR / name).read_bytes(), name
     from covidcxr.data.synth import draw_cxr
     from covidcxr.io.files import save_png

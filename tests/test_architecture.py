@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and the ones below, never one above)::
 
-    errors, vocab  ->  device, io  ->  data  ->  transforms, models, evaluation  ->  segmentation
+    errors, vocab  ->  device, io  ->  data  ->  transforms, models, evaluation, training  ->  segmentation
     ->  classification  ->  retrieval  ->  service  ->  cli, web, pacs, demo
 
 Every import statement counts, including those inside functions (a lazy import pointing up is still a cycle in
@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "vocab": 0,
     "device": 1, "io": 1,
     "data": 2,
-    "transforms": 3, "models": 3, "evaluation": 3,
+    "transforms": 3, "models": 3, "evaluation": 3, "training": 3,
     "segmentation": 4,
     "classification": 5,
     "retrieval": 6,

@@ -116,7 +116,7 @@ def test_bf16_inference_close_to_fp32(art_dir: Path) -> None:
 
 
 def test_bad_image_shape_raises(art_dir: Path) -> None:
-    with pytest.raises(ConfigError, match=r"image 0: expected a 2-D grey array"):
+    with pytest.raises(ConfigError, match=r"image 0: shape \(8, 8, 3\): expected a 2-D grey image"):
         load_artifact(art_dir, "cpu").predict_proba([np.zeros((8, 8, 3), np.float32)])
 
 

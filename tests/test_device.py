@@ -92,7 +92,7 @@ def test_default_workers_follow_the_machine(monkeypatch: pytest.MonkeyPatch, cpu
 def test_train_config_takes_workers_and_normalisation_from_machine_and_arch(monkeypatch: pytest.MonkeyPatch) -> None:
     from covidcxr.classification.train import TrainConfig
 
-    monkeypatch.setattr("covidcxr.classification.train.default_num_workers", lambda: 3)
+    monkeypatch.setattr("covidcxr.classification.config.default_num_workers", lambda: 3)
     cfg = TrainConfig(arch="efficientnet_lite0")
     assert cfg.num_workers == 3
     assert cfg.normalization == "inception"  # what the TF-trained ImageNet weights expect

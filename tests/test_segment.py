@@ -130,7 +130,7 @@ def test_predict_returns_masks_at_input_size(tiny_weights: Path) -> None:
         assert r.prob.shape == (32, 32)
     assert "blank_image" in results[2].qc_flags and results[2].qc_message
     assert len(segmenter.predict(images[0])) == 1
-    with pytest.raises(ConfigError, match="expected a gray H x W"):
+    with pytest.raises(ConfigError, match="expected a 2-D grey image"):
         segmenter.predict([np.zeros((4, 4, 3))])
 
 

@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from covidcxr.errors import ConfigError, ManifestError
+from covidcxr.segmentation.data import read_seg_manifest, select_saved_split, split_pairs
 from covidcxr.segmentation.segmenter import LungSegmenter
-from covidcxr.segmentation.train import (
-    LungSegModule,
-    dice_per_image,
-    read_seg_manifest,
-    select_split,
-    split_pairs,
-    train_segmenter,
-)
+from covidcxr.segmentation.train import LungSegModule, dice_per_image, train_segmenter
 from covidcxr.segmentation.weights import install_weights
 
 TINY = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1, "input_size": 32}
@@ -79,11 +73,11 @@ def test_select_split_matches_rows(pair_manifest: Path, tmp_path: Path) -> None:
     table.rename(columns={"image": "abs", "rel_image": "image", "mask": "abs_m", "rel_mask": "mask"})[
         ["image", "mask", "split"]
     ].to_csv(split_csv, index=False)
-    test = select_split(df, split_csv, "test")
+    test = select_saved_split(df, split_csv, "test")
     assert len(test) == (table["split"] == "test").sum()
     pd.DataFrame({"image": ["x.png"], "mask": ["y.png"], "split": ["test"]}).to_csv(split_csv, index=False)
     with pytest.raises(ManifestError, match="not in this manifest"):
-        select_split(df, split_csv, "test")
+        select_saved_split(df, split_csv, "test")
 
 
 def test_dice_per_image() -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from covidcxr.classification.artifact import load_artifact
-from covidcxr.classification.train import ClassifierModule, TrainConfig, _warmup_cosine, prepare_split, train_classifier
+from covidcxr.classification.module import ClassifierModule, _warmup_cosine
+from covidcxr.classification.train import TrainConfig, prepare_split, train_classifier
 from covidcxr.errors import ConfigError
 from covidcxr.io.image import load_image
 from covidcxr.transforms.augment import AugmentConfig, build_eval_transform, build_train_transform
@@ -149,8 +150,8 @@ class _FakeSegmenter:
 
 
 def test_image_cache_segments_once_and_reuses_masks(cohort: Path, tmp_path: Path) -> None:
+    from covidcxr.classification.cache import build_image_cache
     from covidcxr.classification.loop import MaskCache
-    from covidcxr.classification.train import build_image_cache
     from covidcxr.data.manifest import read_manifest
 
     df = read_manifest(cohort).head(6).drop(columns=["mask"])
@@ -168,7 +169,7 @@ def test_image_cache_segments_once_and_reuses_masks(cohort: Path, tmp_path: Path
 
 
 def test_image_cache_without_masks_or_segmenter_raises(cohort: Path) -> None:
-    from covidcxr.classification.train import build_image_cache
+    from covidcxr.classification.cache import build_image_cache
     from covidcxr.data.manifest import read_manifest
 
     df = read_manifest(cohort).head(2).drop(columns=["mask"])
@@ -279,7 +280,7 @@ def _val_table(n_both_neg: int, seed: int = 0) -> pd.DataFrame:
 
 
 def test_threshold_holds_on_hard_negatives() -> None:
-    from covidcxr.classification.train import _choose_val_threshold
+    from covidcxr.classification.operating_point import choose_val_threshold as _choose_val_threshold
     from covidcxr.evaluation.metrics import choose_threshold
 
     table = _val_table(n_both_neg=20)
@@ -293,7 +294,7 @@ def test_threshold_holds_on_hard_negatives() -> None:
 
 
 def test_threshold_falls_back_to_all_rows_when_too_few_hard_negatives(caplog) -> None:
-    from covidcxr.classification.train import _choose_val_threshold
+    from covidcxr.classification.operating_point import choose_val_threshold as _choose_val_threshold
     from covidcxr.evaluation.metrics import choose_threshold
 
     _, rows = _choose_val_threshold(_val_table(n_both_neg=2), TrainConfig(arch="resnet18", num_workers=0),

@@ -213,45 +213,37 @@ def recalibrate(run: Path, mask_dir: Path) -> None:
     """Refit the temperature and the threshold of a finished run on validation predictions made by this package.
 
     The weights stay; the validation rows are predicted again through the package's one preprocessing path (so a
-    change of preprocessing never leaves a stale operating point behind), then calibrated and thresholded the way
-    training does (Youden's J on two-label-source rows when each class has at least 5 of them).
+    change of preprocessing never leaves a stale operating point behind), then calibrated and thresholded exactly
+    as training does (:func:`covidcxr.classification.operating_point.fit_operating_point`).
     """
+    from types import SimpleNamespace
+
     from covidcxr.classification.artifact import load_artifact
-    from covidcxr.evaluation.calibration import apply_temperature, fit_temperature, nll
-    from covidcxr.evaluation.metrics import choose_threshold, expected_calibration_error, safe_auc
+    from covidcxr.classification.operating_point import fit_operating_point
     from covidcxr.io.files import write_json
 
     art = load_artifact(run, "cpu")
+    config = json.loads((run / "config.json").read_text())
     val = pd.read_csv(run / "val_predictions.csv")
     out, _ = art.predict_manifest(val[["image"]], mask_dir=mask_dir, num_workers=2)
     raw = out["prob_uncalibrated"] if "prob_uncalibrated" in out else out["prob"]
     raw = np.clip(raw.to_numpy(dtype=np.float64), 1e-12, 1 - 1e-12)
-    margin = np.log(raw / (1 - raw))
-    y = val["y"].to_numpy()
-    both = val["source_has_both_labels"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
-    temperature = fit_temperature(margin, y)
-    prob = apply_temperature(margin, temperature)
-    rows = "both_labels" if np.bincount(y[both], minlength=2).min() >= 5 else "all"
-    sel = both if rows == "both_labels" else np.ones(len(y), bool)
-    threshold = choose_threshold(y[sel], prob[sel], "youden")
-    config = json.loads((run / "config.json").read_text())
+    val["margin"] = np.log(raw / (1 - raw))
+    settings = SimpleNamespace(calibrate=True, threshold_method=config.get("threshold_method", "youden"),
+                               target_sensitivity=config.get("target_sensitivity"),
+                               threshold_rows=config.get("threshold_rows", "both_labels"))
+    point = fit_operating_point(val, settings)
     before = {k: config.get(k) for k in ("temperature", "threshold", "val_auc", "val_auc_both")}
-    config.update(temperature=temperature, threshold=threshold, threshold_rows=rows, val_auc=safe_auc(y, prob),
-                  val_auc_both=safe_auc(y[both], prob[both]))
-    config["training"].update(val_auc=config["val_auc"], val_auc_both=config["val_auc_both"], threshold_rows=rows)
-    config["training"]["calibration"] = {
-        "temperature": temperature, "val_nll_before": nll(margin, y, 1.0), "val_nll_after": nll(margin, y, temperature),
-        "val_ece_before": expected_calibration_error(y, apply_temperature(margin, 1.0)),
-        "val_ece_after": expected_calibration_error(y, prob)}
+    config.update(temperature=point.temperature, threshold=point.threshold, threshold_rows=point.threshold_rows,
+                  val_auc=point.val_auc, val_auc_both=point.val_auc_both)
+    config["training"].update(val_auc=point.val_auc, val_auc_both=point.val_auc_both,
+                              threshold_rows=point.threshold_rows, calibration=point.calibration)
     config["recalibrated"] = {"reason": "validation predicted again with the current preprocessing; same weights",
                               "before": before, "date": time.strftime("%Y-%m-%d")}
-    val["margin"], val["prob_uncalibrated"], val["prob"] = margin, apply_temperature(margin, 1.0), prob
-    val["pred_label"] = np.where(prob >= threshold, "covid", "non_covid")
     val.to_csv(run / "val_predictions.csv", index=False)
     write_json(run / "config.json", config)
-    log.info("recalibrated %s: T %.3f -> %.3f, threshold %.4f -> %.4f, val AUC %.4f, two-label %.4f", run,
-             before["temperature"], temperature, before["threshold"], threshold, config["val_auc"],
-             config["val_auc_both"])
+    log.info("recalibrated %s: T %.3f -> %.3f, threshold %.4f -> %.4f", run, before["temperature"], point.temperature,
+             before["threshold"], point.threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,3 +70,26 @@ class CaseIndexError(CxrError):
 
 class IndexMismatchError(CaseIndexError):
     """An index was built with another embedding model, dimension or format version."""
+
+
+class Interrupted(CxrError):
+    """A run was stopped by a signal (SIGINT / Ctrl+C or SIGTERM) after saving what it could.
+
+    Attributes:
+        signal: The signal number.
+        exit_code: ``128 + signal`` (130 for SIGINT, 143 for SIGTERM), the shell convention.
+        checkpoint: The resumable checkpoint written before stopping, or None.
+    """
+
+    def __init__(self, signum: int, checkpoint: str | Path | None = None) -> None:
+        import signal
+
+        self.signal = int(signum)
+        self.exit_code = 128 + self.signal
+        self.checkpoint = str(checkpoint) if checkpoint is not None else None
+        try:
+            name = signal.Signals(self.signal).name
+        except ValueError:
+            name = f"signal {self.signal}"
+        saved = f"; resumable checkpoint saved to {self.checkpoint}" if self.checkpoint else ""
+        super().__init__(f"interrupted by {name}{saved}")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from covidcxr.errors import ConfigError
+from covidcxr.io.image import check_gray
 from covidcxr.transforms.lung import lung_crop_box
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def explain(
     Raises:
         ConfigError: The image is not a 2-D array, the mask does not match it, or ``target_class`` is invalid.
     """
-    image = _check_image(image)
+    image = np.clip(check_gray(image), 0.0, 1.0)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != image.shape:
@@ -293,11 +294,6 @@ def save_explanation(explanation: Explanation, out_dir: Any, stem: str = "explan
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _check_image(image: Any) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim != 2 or arr.size == 0:
-        raise ConfigError(f"expected a 2-D grey image (H, W), got shape {arr.shape}")
-    return np.clip(arr.astype(np.float32, copy=False), 0.0, 1.0)
 
 
 

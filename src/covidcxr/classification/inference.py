@@ -27,6 +27,7 @@ from covidcxr.device import inference_bf16, prefer_channels_last
 from covidcxr.errors import ConfigError, CxrError, ModelError
 from covidcxr.evaluation.calibration import apply_temperature
 from covidcxr.io.files import file_sha256
+from covidcxr.io.image import check_gray
 from covidcxr.models.classifier import CxrClassifier
 from covidcxr.transforms.preprocess import PreprocessCfg, preprocess
 from covidcxr.vocab import LABELS
@@ -65,11 +66,6 @@ def l2_normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-def _check_image(image: Any, i: int) -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim != 2:
-        raise ConfigError(f"image {i}: expected a 2-D grey array (H, W), got shape {arr.shape}")
-    return arr.astype(np.float32, copy=False)
 
 
 class BaseArtifact:
@@ -172,7 +168,7 @@ class BaseArtifact:
         Returns:
             A :class:`Prediction`.
         """
-        images = [_check_image(im, i) for i, im in enumerate(images)]
+        images = [check_gray(im, i) for i, im in enumerate(images)]
         by_key, qc = self.member_masks(images, masks)
         margins, embs = [], []
         for m in self.members:
@@ -203,7 +199,7 @@ class BaseArtifact:
         """
         from covidcxr.classification.explain import gradcam_forward, to_image_geometry
 
-        image = _check_image(image, 0)
+        image = check_gray(image, 0)
         by_key, qc = self.member_masks([image], [mask])
         margins, embs, heats = [], [], []
         for m in self.members:

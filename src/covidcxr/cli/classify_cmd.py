@@ -10,6 +10,17 @@ from typing import Any
 
 from covidcxr.cli._model import MODEL_HELP, decode_threads, model_dir
 from covidcxr.errors import ConfigError
+from covidcxr.vocab import INTENSITY_MODES, SEG_MODES
+
+# Choices spelled here so that building the parser (``covidcxr --help``) imports no torch; the library owns the
+# values (classification.train, models.registry) and tests/test_cli_help.py checks that both agree.
+NORMALIZATION_CHOICES = ("imagenet", "inception", "gray")
+BALANCE_CHOICES = ("loss", "sampler", "none")
+VAL_METRIC_CHOICES = ("auc", "auc_both", "loss")
+THRESHOLD_METHOD_CHOICES = ("youden", "sensitivity")
+THRESHOLD_ROWS_CHOICES = ("both_labels", "all")
+ARCH_HELP = ("registry architecture (default resnet50), e.g. resnet18, resnet50, densenet121, efficientnet_b0, "
+             "efficientnet_lite0, convnext_tiny; an unknown name is refused with the full list")
 
 _TRAIN_EPILOG = """\
 multi-GPU / multi-node (Lightning DDP, nothing hand-written):
@@ -32,8 +43,6 @@ def register(subparsers: Any) -> None:
     Args:
         subparsers: The object returned by ``ArgumentParser.add_subparsers``.
     """
-    from covidcxr.models.registry import list_architectures
-
     p = subparsers.add_parser(
         "train",
         help="train a COVID classifier (Lightning) and write a model artifact",
@@ -43,9 +52,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--manifest", type=Path, required=True, help="manifest CSV (its 'split' column is used if present)")
     p.add_argument("--out", type=Path, required=True, help="run folder = model artifact")
-    p.add_argument("--arch", default="resnet50", help=f"architecture: {', '.join(list_architectures())}")
+    p.add_argument("--arch", default="resnet50", help=ARCH_HELP)
     p.add_argument("--pretrained", default="none", help="imagenet | none | PATH to a state dict (default none)")
-    p.add_argument("--seg", dest="seg_mode", default="none", choices=("none", "mask", "crop"),
+    p.add_argument("--seg", dest="seg_mode", default="none", choices=SEG_MODES,
                    help="lung-segmentation preprocessing (default none)")
     p.add_argument("--segmenter", default=None, help="lung-segmenter weights for masks (default: shipped weights)")
     p.add_argument("--image-size", type=int, default=224)
@@ -67,21 +76,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--precision", default="auto",
                    help="auto (bf16-mixed only where the hardware has native bf16, else 32-true) | 32-true | bf16-mixed")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
-    p.add_argument("--normalization", default=None, choices=("imagenet", "inception", "gray"),
+    p.add_argument("--normalization", default=None, choices=NORMALIZATION_CHOICES,
                    help="input normalisation (default: what the architecture's ImageNet weights expect)")
-    p.add_argument("--intensity", default="none", choices=("none", "clahe"),
+    p.add_argument("--intensity", default="none", choices=INTENSITY_MODES,
                    help="intensity standardisation after the segmentation mode (default none)")
-    p.add_argument("--balance", default="loss", choices=("loss", "sampler", "none"),
+    p.add_argument("--balance", default="loss", choices=BALANCE_CHOICES,
                    help="class balancing: weighted loss, balanced sampling or none (default loss)")
-    p.add_argument("--val-metric", default="auc", choices=("auc", "auc_both", "loss"),
+    p.add_argument("--val-metric", default="auc", choices=VAL_METRIC_CHOICES,
                    help="early stopping / best checkpoint on validation ROC AUC (default), ROC AUC on rows of "
                         "sources holding both labels (auc_both, shortcut-resistant) or loss")
     p.add_argument("--both-label-weight", type=float, default=1.0,
                    help="loss weight of rows from sources that hold both labels (default 1)")
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (0 = off)")
-    p.add_argument("--threshold-method", default="youden", choices=("youden", "sensitivity"))
+    p.add_argument("--threshold-method", default="youden", choices=THRESHOLD_METHOD_CHOICES)
     p.add_argument("--target-sensitivity", type=float, default=None, help="with --threshold-method sensitivity")
-    p.add_argument("--threshold-rows", default="both_labels", choices=("both_labels", "all"),
+    p.add_argument("--threshold-rows", default="both_labels", choices=THRESHOLD_ROWS_CHOICES,
                    help="validation rows the threshold is chosen on: those of two-label sources (hard negatives; "
                         "default, falls back to all when too few) or all")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
@@ -126,7 +135,8 @@ def _console() -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from covidcxr.classification.train import settings_from, train_classifier
+    from covidcxr.classification.config import settings_from
+    from covidcxr.classification.train import train_classifier
 
     settings = settings_from(vars(args))
     devices = str(args.devices)

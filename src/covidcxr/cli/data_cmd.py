@@ -7,11 +7,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from covidcxr.errors import ManifestError
+
+if TYPE_CHECKING:  # pandas only inside the commands: ``covidcxr --help`` stays light
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def _console() -> Any:
 
 
 def _print_table(console: Any, table: pd.DataFrame, title: str) -> None:
+    import pandas as pd
     from rich.table import Table
 
     console.print(title, soft_wrap=True)  # a Table title would wrap at the table's width

@@ -6,10 +6,10 @@ import argparse
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:  # rich only inside the command: ``covidcxr --help`` stays light
+    from rich.console import Console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from covidcxr.demo import DemoSettings, run_demo
 
     console = Console()
@@ -73,6 +75,8 @@ class _RepeatFilter(logging.Filter):
 
 
 def _show(console: Console, title: str, payload: Any) -> None:
+    from rich.table import Table
+
     console.rule(f"[bold]{title}")
     if hasattr(payload, "to_string"):  # a pandas table
         console.print(payload.to_string())

@@ -135,13 +135,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from covidcxr.segmentation.data import read_seg_manifest, select_saved_split
     from covidcxr.segmentation.evaluate import dice_table, evaluate_masks
     from covidcxr.segmentation.segmenter import LungSegmenter
-    from covidcxr.segmentation.train import read_seg_manifest, select_split
 
     df = read_seg_manifest(args.manifest, require_mask=False)
     if args.split_csv is not None:
-        df = select_split(df, args.split_csv, args.split)
+        df = select_saved_split(df, args.split_csv, args.split)
     segmenter = LungSegmenter.load(args.weights, precision=args.precision)
     per_image = evaluate_masks(df, segmenter, progress=sys.stderr.isatty())
     summary = dice_table(per_image)

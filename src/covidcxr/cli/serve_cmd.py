@@ -69,7 +69,7 @@ def _url_host(host: str) -> str:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from covidcxr.service.analysis import explain_file
+    from covidcxr.service.explain import explain_file
 
     args.model = model_dir(args.model)
     summary = explain_file(args.image, args.model, args.out, mask_path=args.mask,

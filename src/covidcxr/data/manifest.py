@@ -419,23 +419,3 @@ def summarize(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
     out[[*label_cols, "images", "patients"]] = out[[*label_cols, "images", "patients"]].astype(int)
     out.columns.name = None
     return out
-
-
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "LABELS",
-    "PATH_COLUMNS",
-    "REQUIRED_COLUMNS",
-    "SPLITS",
-    "check_output_path",
-    "find_near_duplicates",
-    "image_thumbnails",
-    "manifest_from_folder",
-    "patient_groups",
-    "patient_split",
-    "read_manifest",
-    "split_balance",
-    "summarize",
-    "validate_manifest",
-    "write_manifest",
-]

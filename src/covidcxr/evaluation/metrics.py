@@ -28,15 +28,6 @@ from covidcxr.vocab import LABELS
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "METRICS",
-    "binary_metrics",
-    "bootstrap_ci",
-    "choose_threshold",
-    "evaluate_predictions",
-    "expected_calibration_error",
-    "format_metrics_table",
-]
 
 METRICS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "roc_auc", "pr_auc")
 """Metrics that get a bootstrap CI, in report order."""

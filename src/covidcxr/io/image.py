@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from covidcxr.errors import ImageReadError, ImageTooLargeError, UnsupportedImageError
+from covidcxr.errors import ConfigError, ImageReadError, ImageTooLargeError, UnsupportedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -196,3 +196,25 @@ def sniff_format(data: bytes) -> str | None:
     if data[128:132] == b"DICM":
         return "dicom"
     return None
+
+
+def check_gray(image: Any, index: int | None = None, *, min_side: int = 1) -> np.ndarray:
+    """The in-memory image contract: a 2-D grey array (H x W), returned as float32.
+
+    Args:
+        image: Array-like to check.
+        index: Position in a batch, named in the error.
+        min_side: Smallest accepted height and width.
+
+    Returns:
+        ``image`` as a float32 array (no copy when it already is one).
+
+    Raises:
+        ConfigError: Not 2-D, or smaller than ``min_side``.
+    """
+    arr = np.asarray(image)
+    if arr.ndim != 2 or min(arr.shape, default=0) < min_side:
+        where = f"image {index}: " if index is not None else ""
+        raise ConfigError(f"{where}shape {arr.shape}: expected a 2-D grey image (H, W) of at least {min_side} x "
+                          f"{min_side} pixels")
+    return arr.astype(np.float32, copy=False)

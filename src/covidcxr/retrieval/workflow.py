@@ -399,25 +399,3 @@ def match_rows(matches: Sequence[Match]) -> list[dict[str, Any]]:
         "label": m.label, "source": m.metadata.get("source"), "view": m.metadata.get("view"),
         "image": m.metadata.get("image"), "thumbnail": m.metadata.get("thumbnail"),
     } for m in matches]
-
-
-
-
-
-
-
-
-__all__ = [
-    "add_to_index",
-    "build_index",
-    "contact_sheet",
-    "evaluate_model_retrieval",
-    "evaluate_retrieval",
-    "index_from_embeddings",
-    "load_index_and_model",
-    "match_rows",
-    "retrieval_markdown",
-    "run_index_demo",
-    "search_image",
-    "write_thumbnails",
-]

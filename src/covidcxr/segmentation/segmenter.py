@@ -23,6 +23,7 @@ from scipy import ndimage as ndi
 
 from covidcxr.errors import ConfigError
 from covidcxr.io.files import file_sha256
+from covidcxr.io.image import check_gray
 from covidcxr.segmentation.weights import load_unet
 
 log = logging.getLogger(__name__)
@@ -161,11 +162,6 @@ def qc_flags(mask: np.ndarray, *, prob: np.ndarray | None = None, image: np.ndar
 
 
 # --------------------------------------------------------------------------------------------- segmenter
-def _check_image(image: Any, index: int) -> np.ndarray:
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim != 2 or min(arr.shape) < 8:
-        raise ConfigError(f"image {index}: shape {arr.shape}; expected a gray H x W array of at least 8 x 8")
-    return arr
 
 
 class LungSegmenter:
@@ -259,7 +255,7 @@ class LungSegmenter:
         from covidcxr.transforms.joint import prepare_batch
 
         images = [images] if isinstance(images, np.ndarray) and images.ndim == 2 else list(images)
-        arrays = [_check_image(im, i) for i, im in enumerate(images)]
+        arrays = [check_gray(im, i, min_side=8) for i, im in enumerate(images)]
         out = np.zeros((len(arrays), self.input_size, self.input_size), np.float32)
         use_bf16 = self.precision == "bf16"
         for start in range(0, len(arrays), self.batch_size):

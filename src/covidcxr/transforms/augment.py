@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torchvision.transforms import v2
 
 from covidcxr.errors import ConfigError
+from covidcxr.transforms.joint import RandomGamma
 
 CACHE_SCALE = 1.15
 
@@ -100,21 +100,6 @@ def cache_size_for(image_size: int) -> int:
     return math.ceil(CACHE_SCALE * int(image_size))
 
 
-class RandomGamma(nn.Module):
-    """Gamma correction with a log-uniform random gamma, on a float image in [0, 1].
-
-    Args:
-        gamma: ``(low, high)`` range.
-    """
-
-    def __init__(self, gamma: tuple[float, float] = (0.8, 1.25)) -> None:
-        super().__init__()
-        self.log_low, self.log_high = math.log(gamma[0]), math.log(gamma[1])
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Apply one random gamma to ``image``."""
-        g = math.exp(self.log_low + (self.log_high - self.log_low) * float(torch.rand(())))
-        return image.clamp(0.0, 1.0).pow(g)
 
 
 def _as_config(cfg: AugmentConfig | Mapping[str, Any] | int) -> AugmentConfig:
@@ -157,6 +142,7 @@ def build_train_transform(cfg: AugmentConfig | Mapping[str, Any] | int) -> Calla
         return build_eval_transform(cfg)
     size = cfg.image_size
     steps: list[Callable[[torch.Tensor], torch.Tensor]] = [
+        v2.ToImage(),  # a tv_tensors.Image, so the transforms shared with segmentation (RandomGamma) apply
         v2.RandomResizedCrop((size, size), scale=cfg.crop_scale, ratio=cfg.crop_ratio, antialias=True),
         v2.RandomAffine(degrees=cfg.rotation, translate=(cfg.translate, cfg.translate), scale=cfg.scale),
     ]
@@ -167,4 +153,5 @@ def build_train_transform(cfg: AugmentConfig | Mapping[str, Any] | int) -> Calla
         steps.append(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast))
     if cfg.gamma != (1.0, 1.0):
         steps.append(RandomGamma(cfg.gamma))
+    steps.append(v2.ToPureTensor())
     return v2.Compose(steps)
