@@ -88,3 +88,15 @@ def test_torch_free_modules(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"{module} imports {out}"
+
+
+@pytest.mark.parametrize("pattern", ["cli/*.py", "web/app.py"])
+def test_front_ends_are_thin(pattern: str) -> None:
+    # The CLI and the web app call covidcxr.service: they load no model, walk no manifest and re-read no config
+    # (web/toy.py builds throw-away assets for tests and benchmarks; it is not the app).
+    banned = ("load_artifact(", "predict_manifest(", '/ "config.json"', "train_classifier(", "build_ensemble(")
+    hits = [f"{path.relative_to(PKG)}:{n}: {line.strip()}"
+            for path in sorted(PKG.glob(pattern))
+            for n, line in enumerate(path.read_text().splitlines(), 1)
+            if any(b in line for b in banned) and not line.lstrip().startswith("#")]
+    assert not hits, "front end doing the service's work:\n" + "\n".join(hits)

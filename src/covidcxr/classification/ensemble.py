@@ -8,6 +8,7 @@ import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,17 @@ def build_ensemble(
     weighted: bool = False,
     force: bool = False,
 ) -> Path:
+    """Combine classifier artifacts into an ensemble artifact (see :func:`make_ensemble`); returns ``out``."""
+    return make_ensemble(model_dirs, out, weighted=weighted, force=force)[0]
+
+
+def make_ensemble(
+    model_dirs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    weighted: bool = False,
+    force: bool = False,
+) -> tuple[Path, dict[str, Any]]:
     """Combine classifier artifacts into a self-contained ensemble artifact (probability average).
 
     The members are copied into ``out/members/``. Weights are equal, or each member's validation ROC AUC
@@ -50,7 +62,7 @@ def build_ensemble(
         force: Replace an existing ``out``.
 
     Returns:
-        ``out``.
+        ``(out, its config)``.
 
     Raises:
         ConfigError: Fewer than two members, or ``out`` exists.
@@ -125,7 +137,7 @@ def build_ensemble(
     }
     write_json(out / CONFIG_FILE, config)
     log.info("ensemble of %d models -> %s (threshold %.4f from %s)", len(members), out, threshold, threshold_source)
-    return out
+    return out, config
 
 
 def _shared_val_predictions(dirs: Sequence[Path], weights: np.ndarray) -> pd.DataFrame | None:

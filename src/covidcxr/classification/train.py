@@ -20,6 +20,7 @@ import platform
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,15 @@ def _prepare_out(out: Path, resume: bool, force: bool) -> None:
 
 
 
+@dataclass
+class TrainResult:
+    """What a training run produced: the artifact folder, its config and the run summary (None off rank zero)."""
+
+    out: Path
+    config: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+
+
 def train_classifier(
     manifest: str | Path | pd.DataFrame,
     out: str | Path,
@@ -175,6 +185,19 @@ def train_classifier(
     force: bool = False,
     **settings: Any,
 ) -> Path:
+    """Train a COVID classifier and write its artifact into ``out`` (see :func:`fit_classifier`); returns ``out``."""
+    return fit_classifier(manifest, out, config, resume=resume, force=force, **settings).out
+
+
+def fit_classifier(
+    manifest: str | Path | pd.DataFrame,
+    out: str | Path,
+    config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    **settings: Any,
+) -> TrainResult:
     """Train a COVID classifier and write its artifact into ``out``.
 
     Args:
@@ -186,7 +209,7 @@ def train_classifier(
         **settings: :class:`TrainConfig` fields.
 
     Returns:
-        ``out`` (the artifact directory).
+        The :class:`TrainResult` (``out`` is the artifact directory).
 
     Raises:
         ConfigError: Bad settings, an occupied ``out``, unusable splits.
@@ -211,7 +234,7 @@ def train_classifier(
     data = _prepare_data(df, cfg, out)
     module, fit = _fit(data, cfg, out, resume)
     if fit is None:  # not rank zero: the artifact is rank zero's job
-        return out
+        return TrainResult(out)
 
     model = module.model.to(memory_format=torch.contiguous_format).cpu().eval()
     if cfg.weights_dtype == "float16":  # calibrate the weights that will be shipped
@@ -264,7 +287,7 @@ def train_classifier(
         _test_report(data.predict(art, "test", 2 * cfg.batch_size), point.threshold, out, cfg, summary)
     summary["total_seconds"] = time.perf_counter() - t_start
     (out / "train_summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
-    return out
+    return TrainResult(out, config, summary)
 
 
 

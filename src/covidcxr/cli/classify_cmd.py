@@ -136,51 +136,40 @@ def _console() -> Any:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from covidcxr.classification.config import settings_from
-    from covidcxr.classification.train import train_classifier
+    from covidcxr.service import jobs
 
     settings = settings_from(vars(args))
     devices = str(args.devices)
     settings["devices"] = int(devices) if devices.isdigit() else devices
-    out = train_classifier(args.manifest, args.out, resume=args.resume, force=args.force, **settings)
-    summary_file = out / "train_summary.json"
-    if not summary_file.is_file():  # non-zero DDP ranks
+    run = jobs.train(args.manifest, args.out, resume=args.resume, force=args.force, **settings)
+    if run.summary is None:  # non-zero DDP ranks
         return 0
-    summary = json.loads(summary_file.read_text())
-    cfg = json.loads((out / "config.json").read_text())
+    summary, cfg = run.summary, run.config
     console = _console()
-    console.print(f"model artifact: {out}")
+    console.print(f"model artifact: {run.out}")
     console.print(f"validation ROC AUC {summary['val_auc']:.4f}; threshold {cfg['threshold']:.4f} "
                   f"({cfg['threshold_method']}, chosen on validation)")
     if "test_roc_auc" in summary:
-        console.print(f"test ROC AUC {summary['test_roc_auc']:.4f} (report: {out / 'test_eval' / 'report.md'})")
+        console.print(f"test ROC AUC {summary['test_roc_auc']:.4f} (report: {run.out / 'test_eval' / 'report.md'})")
     if summary.get("train_images_per_s"):
         console.print(f"training throughput {summary['train_images_per_s']:.1f} img/s on {summary['device']}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import pandas as pd
     from rich.table import Table
 
-    from covidcxr.classification.artifact import load_artifact
-    from covidcxr.classification.loop import decode_images
     from covidcxr.device import available_cpus
+    from covidcxr.service import jobs
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
         raise ConfigError(f"{args.out}: --out must end in .csv or .json")
     args.model = model_dir(args.model)
-    art = load_artifact(args.model, args.device)
-    probs, labels, flags = [], [], []
-    # Chunks: memory stays bounded for thousands of files; decoding uses a thread per CPU.
-    for start in range(0, len(args.images), args.batch_size):
-        chunk = [str(p) for p in args.images[start : start + args.batch_size]]
-        pred = art.predict(decode_images(chunk, available_cpus()), batch_size=args.batch_size)
-        probs.extend(pred.prob.tolist())
-        labels.extend(pred.label)
-        flags.extend([";".join(f) for f in pred.qc_flags] if pred.qc_flags else [""] * len(chunk))
-    table = pd.DataFrame({"image": [str(p) for p in args.images], "prob_covid": probs, "label": labels,
-                          "qc_flags": flags})
-    rich_table = Table(title=f"{args.model} (threshold {art.threshold:.3f})")
+    # The one manifest loop: chunks keep memory bounded for thousands of files; a decoding thread per CPU.
+    result = jobs.predict_files(args.images, args.model, device=args.device, batch_size=args.batch_size,
+                                num_workers=available_cpus())
+    table = result.table
+    rich_table = Table(title=f"{args.model} (threshold {result.threshold:.3f})")
     for col in ("image", "P(covid)", "label", "QC"):
         rich_table.add_column(col, justify="right" if col == "P(covid)" else "left")
     for row in table.itertuples(index=False):
@@ -191,43 +180,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if args.out.suffix.lower() == ".csv":
             table.to_csv(args.out, index=False)
         else:
-            records = table.assign(threshold=art.threshold, model_hash=art.weights_hash).to_dict(orient="records")
+            records = table.assign(threshold=result.threshold, model_hash=result.model_hash).to_dict(orient="records")
             args.out.write_text(json.dumps(records, indent=2) + "\n")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from covidcxr.classification.artifact import load_artifact
-    from covidcxr.data.manifest import read_manifest
-    from covidcxr.evaluation.metrics import evaluate_predictions
     from covidcxr.evaluation.report import format_metrics_table
-    from covidcxr.vocab import LABELS
+    from covidcxr.service import jobs
 
-    df = read_manifest(args.manifest)
-    if args.split != "all":
-        if "split" not in df.columns:
-            raise ConfigError(f"{args.manifest}: no 'split' column; use --split all or split it (covidcxr data split)")
-        df = df[df["split"] == args.split]
-        if df.empty:
-            raise ConfigError(f"{args.manifest}: no rows with split {args.split!r}")
     args.model = model_dir(args.model)
-    art = load_artifact(args.model, args.device)
-    pred, _ = art.predict_manifest(df, batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
-                                   progress=True)
-    pred["y"] = (pred["label"] == LABELS[1]).astype(int)
-    result = evaluate_predictions(pred, art.threshold, args.out, n_boot=args.n_boot,
-                                  title=f"{args.model.name} on {args.manifest.name} ({args.split})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    pred.to_csv(args.out / "predictions.csv", index=False)
+    result, _ = jobs.evaluate_manifest(args.manifest, args.model, args.out, split=args.split, device=args.device,
+                                       batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
+                                       n_boot=args.n_boot)
     print(format_metrics_table(result))
     return 0
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
-    from covidcxr.classification.ensemble import build_ensemble
+    from covidcxr.service import jobs
 
-    out = build_ensemble(args.models, args.out, weighted=args.weighted, force=args.force)
-    cfg = json.loads((out / "config.json").read_text())
+    out, cfg = jobs.ensemble(args.models, args.out, weighted=args.weighted, force=args.force)
     console = _console()
     weights = ", ".join(f"{m['weight']:.3f}" for m in cfg["members"])
     console.print(f"ensemble artifact: {out} ({len(cfg['members'])} members, weights {weights})")

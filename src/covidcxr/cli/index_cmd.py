@@ -88,11 +88,7 @@ def _console() -> Any:
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
-def _manifest_split(path: Path, split: str) -> Any:
-    from covidcxr.data.manifest import read_manifest
-    from covidcxr.data.split import select_split
 
-    return select_split(read_manifest(path), split, path)
 
 
 def _summary(index: Any) -> str:
@@ -103,16 +99,14 @@ def _summary(index: Any) -> str:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from covidcxr.classification.artifact import load_artifact
-    from covidcxr.retrieval.workflow import build_index
+    from covidcxr.service import jobs
 
-    df = _manifest_split(args.manifest, args.split)
     args.model = model_dir(args.model)
-    art = load_artifact(args.model, args.device)
-    index = build_index(art, df, args.out, pca_dim=args.pca_dim, whiten=args.whiten, kind=args.kind,
-                        thumbnails=args.thumbnails, force=args.force, batch_size=args.batch_size,
-                        num_workers=decode_threads(args.num_workers), progress=args.progress, skip_bad=args.skip_bad,
-                        info={"split": args.split})
+    index = jobs.build_index(args.model, args.manifest, args.out, split=args.split, device=args.device,
+                             pca_dim=args.pca_dim, whiten=args.whiten, kind=args.kind, thumbnails=args.thumbnails,
+                             force=args.force, batch_size=args.batch_size,
+                             num_workers=decode_threads(args.num_workers), progress=args.progress,
+                             skip_bad=args.skip_bad)
     console = _console()
     console.print(f"index: {args.out}")
     console.print(_summary(index))
@@ -123,14 +117,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
-    from covidcxr.classification.artifact import load_artifact
-    from covidcxr.retrieval.workflow import add_to_index
+    from covidcxr.service import jobs
 
-    df = _manifest_split(args.manifest, args.split)
-    art = load_artifact(args.model, args.device)
-    index, n = add_to_index(args.index, art, df, thumbnails=args.thumbnails, skip_existing=args.skip_existing,
-                            batch_size=args.batch_size, num_workers=decode_threads(args.num_workers), progress=args.progress,
-                            skip_bad=args.skip_bad)
+    index, n = jobs.add_to_index(args.index, args.model, args.manifest, split=args.split, device=args.device,
+                                 thumbnails=args.thumbnails, skip_existing=args.skip_existing,
+                                 batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
+                                 progress=args.progress, skip_bad=args.skip_bad)
     console = _console()
     console.print(f"added {n} case(s) to {args.index}")
     console.print(_summary(index))
@@ -140,20 +132,17 @@ def _cmd_add(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from covidcxr.classification.artifact import load_artifact
-    from covidcxr.data.manifest import read_manifest
-    from covidcxr.io.files import json_safe
-    from covidcxr.retrieval.report import evaluate_model_retrieval, retrieval_markdown, retrieval_table
+    from covidcxr.io.files import write_json
+    from covidcxr.retrieval.report import retrieval_markdown, retrieval_table
+    from covidcxr.service import jobs
 
     if args.out is not None and args.out.is_file():
         raise ConfigError(f"{args.out}: --out must be a folder")
-    df = read_manifest(args.manifest)
     args.model = model_dir(args.model)
-    art = load_artifact(args.model, args.device)
-    result = evaluate_model_retrieval(art, df, k=args.k, pca_dim=args.pca_dim, n_boot=args.n_boot, seed=args.seed,
-                                      batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
-                                      progress=args.progress, skip_bad=args.skip_bad)
-    result["manifest"] = str(args.manifest)
+    result, model_hash = jobs.evaluate_retrieval(
+        args.model, args.manifest, device=args.device, k=args.k, pca_dim=args.pca_dim, n_boot=args.n_boot,
+        seed=args.seed, batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
+        progress=args.progress, skip_bad=args.skip_bad)
     header, rows = retrieval_table(result)
     table = Table(title=f"retrieval quality: {args.model.name} on {args.manifest.name} (train indexed, test queried, "
                         "leave-patient-out)")
@@ -165,9 +154,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     console.print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "retrieval.json").write_text(json.dumps(json_safe(result), indent=2) + "\n")
+        write_json(args.out / "retrieval.json", result)
         (args.out / "retrieval.md").write_text(retrieval_markdown(
-            result, intro=f"Model `{args.model}` ({art.weights_hash[:12]}), manifest `{args.manifest}`."))
+            result, intro=f"Model `{args.model}` ({model_hash[:12]}), manifest `{args.manifest}`."))
         console.print(f"wrote {args.out / 'retrieval.json'} and retrieval.md")
     return 0
 
@@ -186,30 +175,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from covidcxr.io.image import load_image
-    from covidcxr.retrieval.report import contact_sheet
-    from covidcxr.retrieval.workflow import load_index_and_model, match_rows, search_image
+    from covidcxr.service import jobs
 
-    if args.k < 1:
-        raise ConfigError(f"-k must be >= 1, got {args.k}")
-    image, _ = load_image(args.image)
-    index, art = load_index_and_model(args.index, args.model, args.device)
-    matches, prob = search_image(art, index, image, k=args.k, exclude_patients=args.exclude_patient)
-    rows = match_rows(matches)
-    label = art.class_names[int(prob >= art.threshold)]
-    if args.sheet is not None:
-        contact_sheet(image, matches, args.sheet, index_dir=args.index,
-                      query_title=f"query (model: {label})\nP(covid) {prob:.3f}")
+    found = jobs.search(args.image, args.index, args.model, k=args.k, exclude_patients=args.exclude_patient,
+                        sheet=args.sheet, device=args.device)
     if args.json:
-        print(json.dumps({"image": str(args.image), "prob": prob, "label": label, "threshold": art.threshold,
-                          "matches": rows, "sheet": str(args.sheet) if args.sheet else None}, indent=2))
+        print(json.dumps({"image": str(args.image), "prob": found.prob, "label": found.label,
+                          "threshold": found.threshold, "matches": found.rows,
+                          "sheet": str(args.sheet) if args.sheet else None}, indent=2))
         return 0
     console = _console()
     excluded = f"; excluding patient(s) {', '.join(args.exclude_patient)}" if args.exclude_patient else ""
-    table = Table(title=f"{args.image.name}: P(covid) {prob:.3f} -> {label} (threshold {art.threshold:.3f}){excluded}")
+    table = Table(title=f"{args.image.name}: P(covid) {found.prob:.3f} -> {found.label} (threshold "
+                        f"{found.threshold:.3f}){excluded}")
     for col in ("rank", "similarity", "case", "patient", "label", "source", "view"):
         table.add_column(col, justify="right" if col in ("rank", "similarity") else "left")
-    for r in rows:
+    for r in found.rows:
         table.add_row(str(r["rank"]), f"{r['similarity']:.4f}", r["case_id"], r["patient_id"], r["label"],
                       str(r["source"] or ""), str(r["view"] or ""))
     console.print(table)

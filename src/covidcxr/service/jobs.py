@@ -1,0 +1,172 @@
+"""The batch jobs the CLI runs, each one call: predict files, evaluate a manifest, train, ensemble, index, search.
+
+The CLI parses arguments and presents what these return; it never re-reads from disk what a job returned, and it
+never loads a model or walks a manifest itself. Models are given as folders (the caller resolves the shipped
+default, see :func:`covidcxr.classification.artifact.resolve_model_dir`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from covidcxr.errors import ConfigError
+from covidcxr.vocab import LABELS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictions:
+    """Per-image results of a model with the threshold and model identity they came from."""
+
+    table: pd.DataFrame
+    threshold: float
+    model_hash: str
+    embeddings: Any = None
+
+
+def predict_files(images: Sequence[str | Path], model: str | Path, *, device: str = "auto", batch_size: int = 32,
+                  num_workers: int = 2) -> Predictions:
+    """Probability, label and QC flags per image file (the one manifest loop, chunked, threaded decoding).
+
+    Returns:
+        :class:`Predictions` with a table ``image, prob_covid, label, qc_flags`` in the order given.
+    """
+    from covidcxr.classification.artifact import load_artifact
+
+    art = load_artifact(model, device)
+    rows = pd.DataFrame({"image": [str(p) for p in images]})
+    pred, _ = art.predict_manifest(rows, batch_size=batch_size, num_workers=num_workers)
+    table = pd.DataFrame({"image": pred["image"], "prob_covid": pred["prob"], "label": pred["pred_label"],
+                          "qc_flags": pred["qc_flags"]})
+    return Predictions(table, art.threshold, art.weights_hash)
+
+
+def evaluate_manifest(manifest: str | Path, model: str | Path, out: str | Path, *, split: str = "test",
+                      device: str = "auto", batch_size: int = 32, num_workers: int = 2,
+                      n_boot: int = 1000) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Predict a manifest split and write the metric report (CIs by patient, per source and view) into ``out``.
+
+    Returns:
+        ``(metrics result, predictions)``; ``out/predictions.csv`` holds the predictions.
+
+    Raises:
+        ConfigError: No ``split`` column for a named split, or no rows in it.
+    """
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.evaluation.metrics import evaluate_predictions
+
+    manifest, model, out = Path(manifest), Path(model), Path(out)
+    df = read_manifest(manifest)
+    if split != "all":
+        if "split" not in df.columns:
+            raise ConfigError(f"{manifest}: no 'split' column; use --split all or split it (covidcxr data split)")
+        df = df[df["split"] == split]
+        if df.empty:
+            raise ConfigError(f"{manifest}: no rows with split {split!r}")
+    art = load_artifact(model, device)
+    pred, _ = art.predict_manifest(df, batch_size=batch_size, num_workers=num_workers, progress=True)
+    pred["y"] = (pred["label"] == LABELS[1]).astype(int)
+    result = evaluate_predictions(pred, art.threshold, out, n_boot=n_boot,
+                                  title=f"{model.name} on {manifest.name} ({split})")
+    out.mkdir(parents=True, exist_ok=True)
+    pred.to_csv(out / "predictions.csv", index=False)
+    return result, pred
+
+
+def train(manifest: str | Path, out: str | Path, *, resume: bool = False, force: bool = False,
+          **settings: Any) -> Any:
+    """Train a classifier (:func:`covidcxr.classification.train.fit_classifier`); returns its ``TrainResult``."""
+    from covidcxr.classification.train import fit_classifier
+
+    return fit_classifier(manifest, out, resume=resume, force=force, **settings)
+
+
+def ensemble(models: Sequence[str | Path], out: str | Path, *, weighted: bool = False,
+             force: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Average classifier artifacts into one ensemble artifact; returns ``(out, its config)``."""
+    from covidcxr.classification.ensemble import make_ensemble
+
+    return make_ensemble(models, out, weighted=weighted, force=force)
+
+
+def manifest_split(manifest: str | Path, split: str | None) -> pd.DataFrame:
+    """The rows of a manifest split (``all`` / None: every row)."""
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.data.split import select_split
+
+    return select_split(read_manifest(manifest), split, manifest)
+
+
+def build_index(model: str | Path, manifest: str | Path, out: str | Path, *, split: str | None = "train",
+                device: str = "auto", **options: Any) -> Any:
+    """Embed a manifest split with a model and save a case index; returns the fitted ``CaseIndex``."""
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.retrieval.workflow import build_index as build
+
+    df = manifest_split(manifest, split)
+    return build(load_artifact(model, device), df, out, info={"split": split}, **options)
+
+
+def add_to_index(index: str | Path, model: str | Path, manifest: str | Path, *, split: str | None = None,
+                 device: str = "auto", **options: Any) -> tuple[Any, int]:
+    """Embed more cases into an existing index (refused for another model); returns ``(index, cases added)``."""
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.retrieval.workflow import add_to_index as add
+
+    return add(index, load_artifact(model, device), manifest_split(manifest, split), **options)
+
+
+def evaluate_retrieval(model: str | Path, manifest: str | Path, *, device: str = "auto",
+                       **options: Any) -> tuple[dict[str, Any], str]:
+    """Retrieval quality (train split indexed, test split queried, leave-patient-out); ``(result, weights hash)``."""
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.data.manifest import read_manifest
+    from covidcxr.retrieval.report import evaluate_model_retrieval
+
+    art = load_artifact(model, device)
+    result = evaluate_model_retrieval(art, read_manifest(manifest), **options)
+    result["manifest"] = str(manifest)
+    return result, art.weights_hash
+
+
+@dataclass
+class SearchResult:
+    """Similar cases of one image, with the model's probability and label."""
+
+    matches: list[Any]
+    rows: list[dict[str, Any]]
+    prob: float
+    label: str
+    threshold: float
+
+
+def search(image_path: str | Path, index_dir: str | Path, model: str | Path | None = None, *, k: int = 8,
+           exclude_patients: Sequence[str] | None = None, sheet: str | Path | None = None,
+           device: str = "auto") -> SearchResult:
+    """Find the most similar indexed cases of an image file (and draw a contact sheet when ``sheet`` is given).
+
+    Raises:
+        ConfigError: ``k`` below 1.
+    """
+    from covidcxr.io.image import load_image
+    from covidcxr.retrieval.report import contact_sheet
+    from covidcxr.retrieval.workflow import load_index_and_model, match_rows, search_image
+
+    if k < 1:
+        raise ConfigError(f"-k must be >= 1, got {k}")
+    image, _ = load_image(image_path)
+    index, art = load_index_and_model(index_dir, model, device)
+    matches, prob = search_image(art, index, image, k=k, exclude_patients=exclude_patients)
+    label = art.class_names[int(prob >= art.threshold)]
+    if sheet is not None:
+        contact_sheet(image, matches, sheet, index_dir=index_dir,
+                      query_title=f"query (model: {label})\nP(covid) {prob:.3f}")
+    return SearchResult(matches, match_rows(matches), float(prob), label, float(art.threshold))
