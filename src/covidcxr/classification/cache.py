@@ -158,7 +158,8 @@ def build_image_cache(
                 f"segmentation mode {seg_mode!r} needs lung masks for {len(todo)} image(s) "
                 f"(e.g. {images[todo[0]]}): add a 'mask' column or give a segmenter and a mask cache folder"
             )
-        for start in tqdm(range(0, len(todo), chunk), desc="segment lungs", unit="chunk", disable=not progress):
+        bar_off = not progress or not todo
+        for start in tqdm(range(0, len(todo), chunk), desc="segment lungs", unit="chunk", disable=bar_off):
             idx = todo[start : start + chunk]
             decoded = decode_images([images[i] for i in idx], num_workers)
             results = segmenter.predict(decoded)
@@ -175,7 +176,8 @@ def build_image_cache(
         num_workers=max(0, num_workers),
         collate_fn=_as_list,
     )
-    with tqdm(total=len(images), desc="cache images", unit="img", disable=not progress) as bar:
+    kind = "uint8" if uint8 else "float32"
+    with tqdm(total=len(images), desc=f"cache images ({kind}, {cache_size} px)", unit="img", disable=not progress) as bar:
         for batch in loader:
             for i, tensor, flags in batch:
                 cache[i] = tensor
