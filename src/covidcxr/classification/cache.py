@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from covidcxr.classification.config import TrainConfig
 from covidcxr.classification.inference import ModelArtifact
 from covidcxr.classification.loop import MaskCache
-from covidcxr.data.manifest import both_label_mask
+from covidcxr.data.manifest import both_label_mask, has_path
 from covidcxr.device import uses_cuda
 from covidcxr.errors import ConfigError
 from covidcxr.evaluation.calibration import apply_temperature
@@ -88,8 +88,6 @@ def _as_list(batch: list[Any]) -> list[Any]:
     return batch
 
 
-def _has_path(value: Any) -> bool:
-    return isinstance(value, str) and value.strip() not in ("", "nan", "None")
 
 
 def build_image_cache(
@@ -147,7 +145,7 @@ def build_image_cache(
     if seg_mode != "none":
         todo = []
         for i, (img, m) in enumerate(zip(images, given)):
-            if _has_path(m):
+            if has_path(m):
                 mask_paths[i] = str(m)
             elif mask_cache is not None and (hit := mask_cache.cached_path(img)) is not None:
                 mask_paths[i], seg_qc[i] = str(hit), mask_cache.flags(img)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.classification.inference import Artifact
+from covidcxr.data.manifest import has_path
 from covidcxr.errors import ConfigError, CxrError, ImageError
 from covidcxr.io.files import write_json
 from covidcxr.io.image import read_mask
@@ -113,10 +114,10 @@ def load_masks_for_rows(
     masks: list[np.ndarray | None] = [None] * n
     qc: list[list[str]] = [[] for _ in range(n)]
     paths = rows["image"].astype(str).tolist()
-    given = rows["mask"].astype(str).tolist() if "mask" in rows.columns else [""] * n
+    given = rows["mask"].tolist() if "mask" in rows.columns else [""] * n
     todo = []
     for i in range(n):
-        if given[i] not in ("", "nan", "None"):
+        if has_path(given[i]):
             masks[i] = read_mask(given[i])
             continue
         hit = cache.get(paths[i]) if cache is not None else None

@@ -113,11 +113,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from covidcxr.segmentation.batch import predict_to_dir
-    from covidcxr.segmentation.segmenter import LungSegmenter
+    from covidcxr.service import jobs
 
-    segmenter = LungSegmenter.load(args.weights, precision=args.precision, batch_size=args.batch_size)
-    table = predict_to_dir(args.source, args.out, segmenter=segmenter, force=args.force, progress=sys.stderr.isatty())
+    table = jobs.segment_folder(args.source, args.out, weights=args.weights, precision=args.precision,
+                                batch_size=args.batch_size, force=args.force, progress=sys.stderr.isatty())
     flagged = int((table["qc_flags"].fillna("") != "").sum())
     errors = int((table["error"].fillna("") != "").sum())
     print(f"{len(table)} image(s): {flagged} with QC flags, {errors} unreadable; table: {args.out / 'segmentation.csv'}")
@@ -135,17 +134,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from covidcxr.segmentation.data import read_seg_manifest, select_saved_split
-    from covidcxr.segmentation.evaluate import dice_table, evaluate_masks
-    from covidcxr.segmentation.segmenter import LungSegmenter
+    from covidcxr.service import jobs
 
-    df = read_seg_manifest(args.manifest, require_mask=False)
-    if args.split_csv is not None:
-        df = select_saved_split(df, args.split_csv, args.split)
-    segmenter = LungSegmenter.load(args.weights, precision=args.precision)
-    per_image = evaluate_masks(df, segmenter, progress=sys.stderr.isatty())
-    summary = dice_table(per_image)
-    table = Table(title=f"Lung Dice ({len(per_image)} pairs, weights {segmenter.weights_hash[:12]})")
+    per_image, summary, weights_hash = jobs.evaluate_segmenter(
+        args.manifest, weights=args.weights, precision=args.precision, split_csv=args.split_csv, split=args.split,
+        progress=sys.stderr.isatty())
+    table = Table(title=f"Lung Dice ({len(per_image)} pairs, weights {weights_hash[:12]})")
     for col in ("mask source", "n", "mean", "median", "p05", "min", "QC flagged"):
         table.add_column(col, justify="left" if col == "mask source" else "right")
     for name, row in summary.iterrows():

@@ -13,6 +13,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -419,3 +420,10 @@ def summarize(df: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame
     out[[*label_cols, "images", "patients"]] = out[[*label_cols, "images", "patients"]].astype(int)
     out.columns.name = None
     return out
+
+
+def has_path(value: Any) -> bool:
+    """Whether a manifest cell holds a path (empty cells read back from CSV as "", NaN or "None" do not)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return isinstance(value, str) and value.strip() not in ("", "nan", "None")

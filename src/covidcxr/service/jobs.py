@@ -170,3 +170,30 @@ def search(image_path: str | Path, index_dir: str | Path, model: str | Path | No
         contact_sheet(image, matches, sheet, index_dir=index_dir,
                       query_title=f"query (model: {label})\nP(covid) {prob:.3f}")
     return SearchResult(matches, match_rows(matches), float(prob), label, float(art.threshold))
+
+
+def segment_folder(source: str | Path, out: str | Path, *, weights: str | Path | None = None,
+                   precision: str = "auto", batch_size: int = 16, force: bool = False,
+                   progress: bool = False) -> pd.DataFrame:
+    """Lung masks and overlays for a folder or manifest of images; returns the per-image table (QC, errors)."""
+    from covidcxr.segmentation.batch import predict_to_dir
+    from covidcxr.segmentation.segmenter import LungSegmenter
+
+    segmenter = LungSegmenter.load(weights, precision=precision, batch_size=batch_size)
+    return predict_to_dir(source, out, segmenter=segmenter, force=force, progress=progress)
+
+
+def evaluate_segmenter(manifest: str | Path, *, weights: str | Path | None = None, precision: str = "auto",
+                       split_csv: str | Path | None = None, split: str = "test",
+                       progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Dice of the segmenter against reference masks, per image and per mask source; ``(per image, summary, sha)``."""
+    from covidcxr.segmentation.data import read_seg_manifest, select_saved_split
+    from covidcxr.segmentation.evaluate import dice_table, evaluate_masks
+    from covidcxr.segmentation.segmenter import LungSegmenter
+
+    df = read_seg_manifest(manifest, require_mask=False)
+    if split_csv is not None:
+        df = select_saved_split(df, split_csv, split)
+    segmenter = LungSegmenter.load(weights, precision=precision)
+    per_image = evaluate_masks(df, segmenter, progress=progress)
+    return per_image, dice_table(per_image), segmenter.weights_hash
