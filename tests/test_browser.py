@@ -120,3 +120,23 @@ def test_upload_renders_probability_overlays_and_similar_cases(server: str, tmp_
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_blank_image_shows_no_result_and_no_verdict(server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    upload = save_png(tmp_path / "blank.png", np.zeros((160, 160), np.float32))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(server + "/")
+            page.set_input_files("#file-input", str(upload))
+            expect(page.locator("#findings")).to_be_visible(timeout=60_000)
+            expect(page.locator("#probability")).to_have_text("No result")
+            expect(page.locator("#label")).to_contain_text("not a usable frontal chest X-ray")
+            assert "chip-pos" not in (page.locator("#label").get_attribute("class") or "")  # no red verdict
+            expect(page.locator("#qc-ok")).to_be_hidden()
+            expect(page.locator(".case-tile")).to_have_count(0)
+        finally:
+            browser.close()

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     transfer = json.loads(args.transfer_results.read_text()) if args.transfer_results.is_file() else None
     dest = INSTALL_DIR if args.install else args.out_dir / "export"
     export(run, dest, df, args.variant, transfer)
-    print(f"shipped model written to {dest}")
+    print(f"shipped model written to {dest}; now fit its input gate: python benchmarks/input_gate.py --install")
     return 0
 
 

@@ -109,6 +109,29 @@ class BaseArtifact:
         """SHA-256 of every segmenter the members use."""
         return {m.segmenter_key for m in self.members if m.segmenter_key is not None}
 
+    @property
+    def ood_reference(self) -> Any:
+        """The model's out-of-distribution reference (:class:`~covidcxr.classification.ood.OODReference`), or None.
+
+        Single models only: an ensemble's concatenated embedding has no reference of its own.
+        """
+        if not hasattr(self, "_ood"):
+            from covidcxr.classification.ood import OODReference
+
+            entry = self.config.get("ood") if len(self.members) == 1 else None
+            self._ood = OODReference.load(self.directory, entry) if entry else None
+        return self._ood
+
+    def gate(self, pred: Prediction) -> list[Any]:
+        """The input gate per image of a prediction (QC flags, and the distance to the training cases when the
+        model has a reference and the prediction carries embeddings); see :mod:`covidcxr.classification.ood`."""
+        from covidcxr.classification.ood import gate
+
+        ref = self.ood_reference
+        dist = ref.distances(pred.embeddings) if ref is not None and pred.embeddings is not None else None
+        return [gate(list(q), None if dist is None else float(dist[i]), None if ref is None else ref.threshold)
+                for i, q in enumerate(pred.qc_flags)]
+
     def labels(self, prob: np.ndarray) -> list[str]:
         """Class name per probability at the stored threshold."""
         return [self.class_names[int(p >= self.threshold)] for p in np.asarray(prob)]

@@ -213,7 +213,9 @@ def predict_manifest(
         bf16: Force bf16 autocast on/off; None = the artifact's setting where native.
 
     Returns:
-        ``(rows + prob, [prob_uncalibrated,] pred_label, qc_flags (index reset), embeddings or None)``.
+        ``(rows + prob, [prob_uncalibrated,] pred_label, qc_flags, status (``ok`` / ``no_result`` from the input
+        gate), no_result_reason, [ood_distance] (index reset), embeddings or None)``. ``prob`` and ``pred_label``
+        stay filled for evaluation; presenters withhold them where ``status`` is ``no_result``.
 
     Raises:
         ConfigError: No ``image`` column, a bad batch size, or (with ``skip_bad``) no readable image at all.
@@ -227,7 +229,8 @@ def predict_manifest(
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     caches = {key: MaskCache(mask_dir, key) for key in sorted(artifact.segmenter_keys)}
     segmenters = {m.segmenter_key: m.segment for m in reversed(artifact.members) if m.segmenter_key is not None}
-    probs, raws, embs, qcs, kept, problems = [], [], [], [], [], []
+    probs, raws, embs, qcs, kept, problems, gates = [], [], [], [], [], [], []
+    gating = artifact.ood_reference is not None
     rows_all = df.reset_index(drop=True)
     for start in tqdm(range(0, len(rows_all), batch_size), desc="predict", unit="batch", disable=not progress):
         rows = rows_all.iloc[start : start + batch_size]
@@ -242,10 +245,12 @@ def predict_manifest(
             got, flags = load_masks_for_rows(rows, images, segmenters[key], cache)
             masks_by_key[key] = got
             qc = [sorted(set(a) | set(b)) for a, b in zip(qc, flags, strict=True)]
-        out = artifact.predict(images, masks_by_key, embeddings=embeddings, bf16=bf16)
+        out = artifact.predict(images, masks_by_key, embeddings=embeddings or gating, bf16=bf16)
         probs.append(out.prob)
         raws.append(out.prob_uncalibrated)
-        qcs.extend(sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True))
+        out.qc_flags = [sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True)]
+        qcs.extend(out.qc_flags)
+        gates.extend(artifact.gate(out))
         kept.extend(start + i for i in ok)
         if embeddings:
             embs.append(out.embeddings)
@@ -261,6 +266,11 @@ def predict_manifest(
         result["prob_uncalibrated"] = np.concatenate(raws)
     result["pred_label"] = artifact.labels(result["prob"].to_numpy())
     result["qc_flags"] = [";".join(f) for f in qcs]
+    # The input gate: no verdict on what is not a usable frontal chest X-ray (classification.ood).
+    result["status"] = ["ok" if g.usable else "no_result" for g in gates]
+    result["no_result_reason"] = [g.message for g in gates]
+    if gating:
+        result["ood_distance"] = [g.distance for g in gates]
     emb_all = (np.concatenate(embs) if embs else np.zeros((0, artifact.num_features), np.float32)) if embeddings \
         else None
     return result, emb_all

@@ -160,6 +160,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from covidcxr.device import available_cpus
+    from covidcxr.io.files import json_safe
     from covidcxr.service import jobs
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
@@ -173,7 +174,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for col in ("image", "P(covid)", "label", "QC"):
         rich_table.add_column(col, justify="right" if col == "P(covid)" else "left")
     for row in table.itertuples(index=False):
-        rich_table.add_row(row.image, f"{row.prob_covid:.4f}", row.label, row.qc_flags)
+        if row.status == "ok":
+            rich_table.add_row(row.image, f"{row.prob_covid:.4f}", row.label, row.qc_flags)
+        else:
+            rich_table.add_row(row.image, "-", "no result", row.no_result_reason.removeprefix("no result: "))
     _console().print(rich_table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,8 +185,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             table.to_csv(args.out, index=False)
         else:
             records = table.assign(threshold=result.threshold, model_hash=result.model_hash).to_dict(orient="records")
-            args.out.write_text(json.dumps(records, indent=2) + "\n")
-    return 0
+            args.out.write_text(json.dumps(json_safe(records), indent=2) + "\n")
+    # Non-zero only when no input gave a result (some unusable files in a batch are reported, not fatal).
+    return 0 if (table["status"] == "ok").any() else 1
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.errors import ConfigError, ManifestError
+from covidcxr.io.files import readable_mode
 from covidcxr.vocab import LABELS, SPLITS
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,7 @@ def write_manifest(df: pd.DataFrame, path: str | Path, *, force: bool = False) -
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             out.to_csv(fh, index=False)
+        os.chmod(tmp, readable_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -96,6 +96,17 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def readable_mode() -> int:
+    """The mode a new file gets under the process umask (``tempfile.mkstemp`` files are 0600 instead)."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``json_safe(data)`` as indented strict JSON, atomically (temporary file, then rename).
 
@@ -114,6 +125,7 @@ def write_json(path: str | Path, data: Any) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(json_safe(data), fh, indent=2, allow_nan=False)
             fh.write("\n")
+        os.chmod(tmp, readable_mode())  # mkstemp makes 0600 files; a shared model or report must stay readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -235,8 +235,9 @@ class CaseService:
         result = self.analyze_image(image, meta)
         result["request_id"] = request_id
         result["timing_ms"]["total"] = round(1000 * (time.perf_counter() - t0), 1)
-        log.info("analysis %s: %s %dx%d, p=%.3f, %.0f ms", request_id, meta.format, meta.original_size[1],
-                 meta.original_size[0], result["probability"], result["timing_ms"]["total"])
+        log.info("analysis %s: %s %dx%d, %s, %.0f ms", request_id, meta.format, meta.original_size[1],
+                 meta.original_size[0], f"p={result['probability']:.3f}" if result["status"] == "ok"
+                 else f"no result ({', '.join(result['no_result_reasons'])})", result["timing_ms"]["total"])
         return result
 
     def analyze_image(self, image: np.ndarray, meta: Any = None) -> dict[str, Any]:
@@ -258,8 +259,10 @@ class CaseService:
         with self._model_lock:
             result = analyze_one(self.artifact, image, segmenter=self.segmenter, segmenter_key=self.segmenter_key)
         pred, mask, heat, timing = result.prediction, result.mask, result.heatmap, result.timing
+        usable = result.usable
         t = time.perf_counter()
-        matches = self.index.search(pred.embeddings[:1], k=self.settings.k)[0]
+        # No verdict, no heat map and no "similar" cases for what is not a usable frontal chest X-ray.
+        matches = self.index.search(pred.embeddings[:1], k=self.settings.k)[0] if usable else []
         timing["search"] = _ms(t)
 
         t = time.perf_counter()
@@ -268,22 +271,25 @@ class CaseService:
             "height": shape[0],
             "width": shape[1],
             "image_png": png_base64(_resize(image, shape)),
-            "heatmap_png": png_base64(heatmap_rgba(_resize(heat, shape))),
+            "heatmap_png": png_base64(heatmap_rgba(_resize(heat, shape))) if usable else None,
             "lung_outline_png": png_base64(outline_rgba(_resize(mask.astype(np.uint8), shape, nearest=True))),
         }
         timing["encode"] = _ms(t)
         qc = result.qc_flags
-        energy = result.lung_energy_fraction
-        prob = float(pred.prob[0])
+        energy = result.lung_energy_fraction if usable else None
+        gate = result.gate
         return {
-            "probability": prob,
-            "label": pred.label[0],
+            "status": "ok" if usable else "no_result",
+            "no_result_reason": gate.message if gate is not None else "",
+            "no_result_reasons": list(gate.reasons) if gate is not None else [],
+            "probability": float(pred.prob[0]) if usable else None,
+            "label": pred.label[0] if usable else None,
             "threshold": float(self.artifact.threshold),
             "qc_flags": qc,
             "qc_messages": {f: QC_MESSAGES.get(f, f) for f in qc},
             "lung_fraction": result.lung_fraction,
             "lung_energy_fraction": energy,
-            "explanation_flags": result.explanation_flags,
+            "explanation_flags": result.explanation_flags if usable else [],
             "image": _image_facts(image, meta),
             "overlays": overlays,
             "similar_cases": [self._match_json(m) for m in matches],
@@ -396,6 +402,12 @@ class Analysis:
     lung_energy_fraction: float | None
     explanation_flags: list[str]
     timing: dict[str, float]
+    gate: Any = None
+
+    @property
+    def usable(self) -> bool:
+        """Whether the input gate lets a verdict be shown (see :mod:`covidcxr.classification.ood`)."""
+        return self.gate is None or self.gate.usable
 
 
 def analyze_one(
@@ -439,12 +451,14 @@ def analyze_one(
     timing["classify_explain"] = _ms(t)
     heat = pred.heatmaps[0]
     energy = lung_energy_fraction(heat, mask)
+    qc_all = sorted(set(qc) | set(pred.qc_flags[0] if pred.qc_flags else []))
+    pred.qc_flags = [qc_all]
+    checked = artifact.gate(pred)[0]  # no verdict on what is not a usable frontal chest X-ray
     return Analysis(
         prediction=pred, mask=mask, lung_fraction=lung_fraction,
-        qc_flags=sorted(set(qc) | set(pred.qc_flags[0] if pred.qc_flags else [])), heatmap=heat,
-        lung_energy_fraction=energy,
+        qc_flags=qc_all, heatmap=heat, lung_energy_fraction=energy,
         explanation_flags=["heatmap_outside_lungs"] if energy is not None and energy < LOW_LUNG_ENERGY else [],
-        timing=timing,
+        timing=timing, gate=checked,
     )
 
 

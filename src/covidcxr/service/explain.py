@@ -69,8 +69,10 @@ def explain_file(
     files["mask"] = str(save_png(out / f"{stem}_lung_mask.png", mask.astype(bool)))
     summary = {
         "image": str(image_path),
-        "probability": float(pred.prob[0]),
-        "label": pred.label[0],
+        "status": "ok" if result.usable else "no_result",
+        "no_result_reason": result.gate.message if result.gate is not None else "",
+        "probability": float(pred.prob[0]) if result.usable else None,
+        "label": pred.label[0] if result.usable else None,
         "threshold": float(artifact.threshold),
         "lung_energy_fraction": result.lung_energy_fraction,
         "explanation_flags": result.explanation_flags,

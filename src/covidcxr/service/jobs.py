@@ -36,15 +36,18 @@ def predict_files(images: Sequence[str | Path], model: str | Path, *, device: st
     """Probability, label and QC flags per image file (the one manifest loop, chunked, threaded decoding).
 
     Returns:
-        :class:`Predictions` with a table ``image, prob_covid, label, qc_flags`` in the order given.
+        :class:`Predictions` with a table ``image, status, prob_covid, label, qc_flags, no_result_reason`` in the
+        order given; ``prob_covid`` and ``label`` are empty where the input gate gave no result.
     """
     from covidcxr.classification.artifact import load_artifact
 
     art = load_artifact(model, device)
     rows = pd.DataFrame({"image": [str(p) for p in images]})
     pred, _ = art.predict_manifest(rows, batch_size=batch_size, num_workers=num_workers)
-    table = pd.DataFrame({"image": pred["image"], "prob_covid": pred["prob"], "label": pred["pred_label"],
-                          "qc_flags": pred["qc_flags"]})
+    ok = pred["status"] == "ok"
+    table = pd.DataFrame({"image": pred["image"], "status": pred["status"],
+                          "prob_covid": pred["prob"].where(ok), "label": pred["pred_label"].where(ok, ""),
+                          "qc_flags": pred["qc_flags"], "no_result_reason": pred["no_result_reason"]})
     return Predictions(table, art.threshold, art.weights_hash)
 
 

@@ -89,7 +89,8 @@
   function render(res) {
     const ov = res.overlays;
     $("layer-image").src = "data:image/png;base64," + ov.image_png;
-    $("layer-heat").src = "data:image/png;base64," + ov.heatmap_png;
+    if (ov.heatmap_png) $("layer-heat").src = "data:image/png;base64," + ov.heatmap_png;
+    else $("layer-heat").removeAttribute("src");
     $("layer-outline").src = "data:image/png;base64," + ov.lung_outline_png;
     $("stack").style.aspectRatio = ov.width + " / " + ov.height;
     applyToggles();
@@ -103,15 +104,23 @@
     show($("viewer"), true);
     show($("toggles"), true);
 
-    // Findings.
+    // Findings. No verdict at all when the input gate found no usable frontal chest X-ray.
     const p = res.probability;
     const t = res.threshold;
-    $("probability").textContent = pct(p, 1);
     const chip = $("label");
-    chip.textContent = (p >= t ? "Above threshold · " : "Below threshold · ") + (LABELS[res.label] || res.label);
-    chip.className = "label-chip " + (res.label === "covid" ? "chip-pos" : "chip-neg");
-    $("prob-fill").style.width = pct(Math.min(Math.max(p, 0), 1), 2);
-    $("prob-fill").className = "prob-fill " + (p >= t ? "fill-pos" : "fill-neg");
+    if (res.status === "no_result") {
+      $("probability").textContent = "No result";
+      chip.textContent = res.no_result_reason || "no result: not a usable frontal chest X-ray";
+      chip.className = "label-chip chip-none";
+      $("prob-fill").style.width = "0%";
+      $("prob-fill").className = "prob-fill";
+    } else {
+      $("probability").textContent = pct(p, 1);
+      chip.textContent = (p >= t ? "Above threshold · " : "Below threshold · ") + (LABELS[res.label] || res.label);
+      chip.className = "label-chip " + (res.label === "covid" ? "chip-pos" : "chip-neg");
+      $("prob-fill").style.width = pct(Math.min(Math.max(p, 0), 1), 2);
+      $("prob-fill").className = "prob-fill " + (p >= t ? "fill-pos" : "fill-neg");
+    }
     $("threshold-marker").style.left = pct(t, 2);
     $("threshold-text").textContent = "threshold " + pct(t, 0);
     $("threshold").textContent = pct(t, 1);
@@ -131,7 +140,7 @@
       qc.appendChild(li);
     }
     show($("qc-box"), warnings.length > 0);
-    show($("qc-ok"), (res.qc_flags || []).length === 0);
+    show($("qc-ok"), (res.qc_flags || []).length === 0 && res.status !== "no_result");
     show($("findings-empty"), false);
     show($("findings"), true);
     if (!$("model-version").textContent) $("model-version").textContent = "model " + res.model.version;

@@ -1,0 +1,96 @@
+"""The input gate: no verdict on what is not a usable frontal chest X-ray (covidcxr.classification.ood)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+
+from covidcxr.classification.ood import BLOCKING_QC_FLAGS, OODReference, fit_reference, gate
+from covidcxr.errors import ConfigError
+from covidcxr.io.files import save_png
+
+SAMPLE = Path(matplotlib.get_data_path()) / "sample_data"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_threshold_is_the_validation_quantile_and_far_points_fail() -> None:
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=16)
+    train = _unit(centre + 0.3 * rng.normal(size=(200, 16)))
+    val = _unit(centre + 0.3 * rng.normal(size=(100, 16)))
+    ref, d_val = fit_reference(train, val, quantile=0.9, k=5)
+    assert np.isclose(ref.threshold, np.quantile(d_val, 0.9))
+    assert (d_val > ref.threshold).mean() == pytest.approx(0.1, abs=0.02)
+    far = _unit(-centre[None] + 0.3 * rng.normal(size=(5, 16)))
+    assert (ref.distances(far) > ref.threshold).all()
+    assert np.allclose(ref.distances(train[:3]), ref.distances(train[:3]))
+    with pytest.raises(ConfigError, match="do not fit a 16-d reference"):
+        ref.distances(np.zeros((1, 8), np.float32))
+
+
+def test_reference_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    ref = OODReference(_unit(rng.normal(size=(20, 8))), 0.3, k=3)
+    entry = ref.save(tmp_path)
+    again = OODReference.load(tmp_path, entry)
+    assert again.threshold == 0.3 and again.k == 3
+    np.testing.assert_allclose(again.embeddings, ref.embeddings, atol=1e-3)  # float16 on disk
+
+
+@pytest.mark.parametrize("flag", BLOCKING_QC_FLAGS)
+def test_blocking_qc_flags_withhold_the_result(flag: str) -> None:
+    result = gate([flag])
+    assert not result.usable and result.reasons == [flag]
+    assert result.message.startswith("no result: not a usable frontal chest X-ray, because")
+    assert gate(["asymmetric"]).usable  # a warning, not a reason to withhold
+
+
+def test_distance_above_threshold_withholds_the_result() -> None:
+    assert gate([], 0.6, 0.5).reasons == ["out_of_distribution"]
+    assert gate([], 0.4, 0.5).usable
+
+
+@pytest.mark.parametrize("picture", ["grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"])
+def test_shipped_model_gives_no_result_on_photographs(picture: str) -> None:
+    from covidcxr.classification.artifact import load_artifact, shipped_model_dir
+    from covidcxr.service import jobs
+
+    assert load_artifact(shipped_model_dir(), "cpu").ood_reference is not None
+    out = jobs.predict_files([SAMPLE / picture], shipped_model_dir(), device="cpu")
+    row = out.table.iloc[0]
+    assert row["status"] == "no_result" and np.isnan(row["prob_covid"]) and row["label"] == ""
+    assert "not a usable frontal chest X-ray" in row["no_result_reason"]
+
+
+def test_shipped_model_gives_a_result_on_real_cxrs() -> None:
+    from covidcxr.classification.artifact import shipped_model_dir
+    from covidcxr.demo import SAMPLES, SAMPLES_DIR
+    from covidcxr.service import jobs
+
+    out = jobs.predict_files([SAMPLES_DIR / n for n in sorted(SAMPLES)], shipped_model_dir(), device="cpu")
+    assert (out.table["status"] == "ok").all(), out.table
+    assert out.table["prob_covid"].between(0, 1).all()
+
+
+@pytest.mark.parametrize("kind", ["blank", "noise"])
+def test_cli_predict_exit_code_only_fails_when_every_input_fails(kind: str, tmp_path: Path, capsys) -> None:
+    from covidcxr.cli import main
+    from covidcxr.demo import SAMPLES, SAMPLES_DIR
+
+    rng = np.random.default_rng(0)
+    bad = save_png(tmp_path / f"{kind}.png", np.zeros((256, 256), np.float32) if kind == "blank"
+                   else rng.random((256, 256), dtype=np.float32))
+    assert main(["predict", str(bad), "--device", "cpu", "--out", str(tmp_path / "p.csv")]) == 1
+    assert "no result" in capsys.readouterr().out
+    good = SAMPLES_DIR / min(SAMPLES)
+    assert main(["predict", str(bad), str(good), "--device", "cpu", "--out", str(tmp_path / "q.csv")]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "q.csv")
+    assert table["status"].tolist() == ["no_result", "ok"]
