@@ -287,6 +287,82 @@ def test_save_refuses_to_replace_a_foreign_directory(tmp_path, data):
     assert (tmp_path / "photos" / "cat.png").exists()
 
 
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(proc.stdout)
+
+
+def _leftovers(parent: Path, dead: int, live: int) -> tuple[set[str], set[str]]:
+    """Fake leftovers of killed saves of ``idx`` (stale) and look-alikes that must survive (kept)."""
+    old = os.path.getmtime(parent / "idx") - 3600
+    stale = {f".idx.tmp-{dead}-ab12cd_3", f".idx.tmp-{dead}-zzzzzzzz", ".idx.tmp-legacy_1"}
+    kept = {
+        f".idx.tmp-{live}-livesave",  # a save in flight in another, running process
+        f".idx.tmp-{os.getpid()}-ownthrd1",  # this process's own (another thread's save)
+        ".idx.tmp-freshleg",  # no pid, recent: may be an older covidcxr's save in flight
+        f".other.tmp-{dead}-ab12cd_3", f".idx2.tmp-{dead}-ab12cd_3", ".other.old",  # other indexes' leftovers
+        f"idx.tmp-{dead}-ab12cd_3", f".idx.tmp-{dead}-toolongname", ".idx.older", "photos",  # not our pattern
+    }
+    for name in stale | kept:
+        (parent / name).mkdir()
+        (parent / name / "header.json").write_text("{}")
+    os.utime(parent / ".idx.tmp-legacy_1", (old, old))
+    (parent / f".idx.tmp-{dead}-filefile").write_text("a file, not a save directory")
+    kept.add(f".idx.tmp-{dead}-filefile")
+    return stale, kept
+
+
+@pytest.mark.parametrize("when", ["load", "save"])
+def test_stale_save_leftovers_are_removed(tmp_path, data, when, caplog):
+    x, meta = data
+    path = CaseIndex(kind="exact").fit(x[:50], meta[:50]).save(tmp_path / "idx")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale, kept = _leftovers(tmp_path, _dead_pid(), live.pid)
+        # a previous index kept by a save that died after its swap: stale while idx itself is complete
+        (tmp_path / ".idx.old").mkdir()
+        stale.add(".idx.old")
+        with caplog.at_level("INFO", logger="covidcxr.retrieval.storage"):
+            if when == "load":
+                assert len(CaseIndex.load(path)) == 50
+            else:
+                CaseIndex(kind="exact").fit(x, meta).save(path)
+    finally:
+        live.kill()
+        live.wait()
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == kept | {"idx"}
+    assert f"removed {len(stale)} stale" in caplog.text
+    assert len(CaseIndex.load(path)) == (50 if when == "load" else 240)
+
+
+def test_backup_is_kept_while_it_is_the_only_index(tmp_path, data):
+    x, meta = data
+    path = CaseIndex(kind="exact").fit(x[:50], meta[:50]).save(tmp_path / "idx")
+    os.replace(path, tmp_path / ".idx.old")  # a save died between its two renames
+    (tmp_path / f".idx.tmp-{_dead_pid()}-ab12cd_3").mkdir()
+    assert len(CaseIndex.load(path)) == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".idx.old"]
+    CaseIndex(kind="exact").fit(x, meta).save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    assert len(CaseIndex.load(path)) == 240
+
+
+def test_save_names_its_temporary_directory_after_the_process(tmp_path, data, monkeypatch):
+    x, meta = data
+    seen = []
+    real_swap = index_mod._swap_in
+
+    def spy(tmp: Path, directory: Path) -> None:
+        seen.append(tmp.name)
+        real_swap(tmp, directory)
+
+    monkeypatch.setattr(index_mod, "_swap_in", spy)
+    CaseIndex(kind="exact").fit(x[:50], meta[:50]).save(tmp_path / "idx")
+    assert len(seen) == 1 and seen[0].startswith(f".idx.tmp-{os.getpid()}-")
+
+
 # ---------------------------------------------------------------------- errors
 
 

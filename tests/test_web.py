@@ -26,7 +26,7 @@ from covidcxr.demo import serve_command
 from covidcxr.io.dicom import write_dicom
 from covidcxr.io.image import sniff_format
 from covidcxr.service.analysis import ServeSettings
-from covidcxr.web.app import MULTIPART_SLACK, create_app
+from covidcxr.web.app import LOGGED_URL_CHARS, MULTIPART_SLACK, TruncateLoggedUrls, create_app, uvicorn_log_config
 from covidcxr.web.toy import ToyAssets, make_toy_assets
 
 torch.set_num_threads(2)
@@ -93,6 +93,7 @@ def test_page_static_files_and_docs(client) -> None:
         r = client.get(f"/static/{name}")
         assert r.status_code == 200 and kind in r.headers["content-type"]
     assert client.get("/docs").status_code == 200
+    assert client.get("/redoc").status_code == 404  # ReDoc would load its script from a CDN
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/v1/analyze", "/api/v1/cases/{case_id}/thumbnail", "/healthz"} <= set(paths)
 
@@ -154,6 +155,123 @@ def test_thumbnail_of_a_case_whose_image_is_gone_is_404(client, toy) -> None:
         moved.rename(path)
     assert r.status_code == 404 and "unavailable" in r.json()["detail"]
     assert str(path) not in r.text
+
+
+def test_docs_load_only_same_origin_assets(client) -> None:
+    r = client.get("/docs")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    urls = re.findall(r'(?:src|href)="([^"]+)"', r.text)
+    assert urls and not re.search(r"(?i)(https?:)?//", r.text)  # nothing from another host
+    assets = [u for u in urls if not u.startswith("data:")]
+    assert any(u.endswith("swagger-ui-bundle.js") for u in assets) and any(u.endswith(".css") for u in assets)
+    for url in assets:
+        assert url.startswith("/"), url
+        asset = client.get(url)
+        assert asset.status_code == 200 and asset.content, url
+        assert "https://cdn" not in asset.text
+    schema_url = re.search(r'data-openapi-url="([^"]+)"', r.text).group(1)
+    assert client.get(schema_url).json()["info"]["title"] == "covidcxr"
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "unsafe-eval" not in csp  # no inline script on the docs page
+    assert "<script>" not in r.text
+
+
+def _csp_directives(header: str) -> dict[str, str]:
+    return dict((part.strip().split(" ", 1) + [""])[:2] for part in header.split(";") if part.strip())
+
+
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/static/app.js"),
+     ("GET", "/static/swagger-ui/swagger-ui.css"), ("GET", "/static/nope.js"), ("GET", "/api/v1/cases/case004/thumbnail"),
+     ("GET", "/api/v1/cases/nope/thumbnail"), ("POST", "/api/v1/analyze"), ("PUT", "/healthz"), ("GET", "/nowhere")],
+)
+def test_every_response_carries_the_security_headers(client, method, url) -> None:
+    r = client.request(method, url)
+    assert r.headers["x-content-type-options"] == "nosniff"
+    csp = _csp_directives(r.headers["content-security-policy"])
+    assert csp["default-src"] == "'self'" and csp["script-src"] == "'self'" and csp["object-src"] == "'none'"
+    assert csp["frame-ancestors"] == "'none'"
+    if url.startswith("/api/"):
+        assert r.headers["cache-control"] == "no-store"
+
+
+def test_patient_data_is_never_cached(client, cxr, tmp_path) -> None:
+    r = client.get("/api/v1/cases/case004/thumbnail")
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    r = _post(client, _encode(cxr, "png", tmp_path))
+    assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+
+
+def test_upload_413_from_the_content_length_guard_has_the_headers(client) -> None:
+    r = _post(client, bytes(int(MAX_MB * 1e6) + MULTIPART_SLACK + 10))
+    assert r.status_code == 413
+    assert r.headers["x-content-type-options"] == "nosniff" and "content-security-policy" in r.headers
+    assert r.headers["cache-control"] == "no-store"
+
+
+def test_405_names_the_allowed_methods(client) -> None:
+    for method, url, allowed in (("PUT", "/healthz", "GET"), ("GET", "/api/v1/analyze", "POST"),
+                                 ("DELETE", "/api/v1/cases/case004/thumbnail", "GET")):
+        r = client.request(method, url)
+        assert r.status_code == 405, (method, url)
+        assert allowed in r.headers["allow"]
+        assert set(r.json()) == {"detail"}
+
+
+def test_fastapi_validation_errors_have_the_api_error_shape(client) -> None:
+    for kwargs in ({"data": {"other": "x"}}, {"json": {"file": "x"}}, {}):
+        r = client.post("/api/v1/analyze", **kwargs)
+        assert r.status_code == 422, kwargs
+        body = r.json()
+        assert set(body) == {"detail"} and isinstance(body["detail"], str) and "file" in body["detail"]
+
+
+def test_malformed_multipart_is_a_documented_400(client) -> None:
+    r = client.post("/api/v1/analyze", content=b"garbage", headers={"Content-Type": "multipart/form-data; boundary=zz"})
+    assert r.status_code == 400 and isinstance(r.json()["detail"], str)
+    responses = client.get("/openapi.json").json()["paths"]["/api/v1/analyze"]["post"]["responses"]
+    assert {"200", "400", "413", "415", "422", "500"} <= set(responses)
+    for code in ("400", "413", "415", "422", "500"):
+        assert responses[code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+
+
+# ---------------------------------------------------------------------------------------------- logging
+def _access_record(path: str) -> logging.LogRecord:
+    # uvicorn's access line: '%s - "%s %s HTTP/%s" %d' % (client, method, path + query, http version, status)
+    return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                             ("127.0.0.1:5000", "GET", path, "1.1", 404), None)
+
+
+def test_long_urls_are_truncated_in_log_records() -> None:
+    path = "/api/v1/cases/" + "x" * 100_000 + "/thumbnail?q=" + "y" * 1000
+    record = _access_record(path)
+    assert TruncateLoggedUrls().filter(record)
+    line = record.getMessage()
+    assert len(line) < LOGGED_URL_CHARS + 120 and "127.0.0.1:5000" in line and line.endswith(" 404")
+    short = _access_record("/healthz")
+    TruncateLoggedUrls().filter(short)
+    assert short.getMessage() == '127.0.0.1:5000 - "GET /healthz HTTP/1.1" 404'
+
+
+def test_serve_log_config_truncates_uvicorn_access_lines(caplog) -> None:
+    import logging.config
+
+    names = ("uvicorn", "uvicorn.access", "uvicorn.error")
+    saved = {n: (lg.handlers[:], lg.filters[:], lg.level, lg.propagate)
+             for n in names for lg in [logging.getLogger(n)]}
+    try:
+        logging.config.dictConfig(uvicorn_log_config())
+        access = logging.getLogger("uvicorn.access")
+        access.addHandler(caplog.handler)
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/" + "z" * 100_000, "1.1", 404)
+    finally:
+        for n, (handlers, filters, level, propagate) in saved.items():
+            lg = logging.getLogger(n)
+            lg.handlers[:], lg.filters[:], lg.level, lg.propagate = handlers, filters, level, propagate
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert len(lines) == 1 and len(lines[0]) < LOGGED_URL_CHARS + 120
 
 
 # ---------------------------------------------------------------------------------------------- rejections
@@ -343,3 +461,17 @@ def test_index_built_with_another_model_is_refused(toy, tmp_path) -> None:
 )
 def test_sniff_format(data, fmt) -> None:
     assert sniff_format(data) == fmt
+
+
+def test_blank_upload_gets_no_result_and_no_verdict(client, tmp_path) -> None:
+    from covidcxr.io.files import save_png
+
+    data = save_png(tmp_path / "blank.png", np.zeros((128, 128), np.float32)).read_bytes()
+    r = _post(client, data, "blank.png")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "no_result" and body["probability"] is None and body["label"] is None
+    assert "blank_image" in body["no_result_reasons"]
+    assert body["no_result_reason"].startswith("no result: not a usable frontal chest X-ray")
+    assert body["similar_cases"] == [] and body["overlays"]["heatmap_png"] is None
+    assert body["lung_energy_fraction"] is None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,18 @@ import numpy as np
 
 from covidcxr.errors import ConfigError, ImageReadError, ImageTooLargeError, UnsupportedImageError
 from covidcxr.io.files import _quantise
-from covidcxr.io.image import _LUMA, MAX_PIXELS, ImageMeta
+from covidcxr.io.image import (
+    _LUMA,
+    MAX_DECODED_SIDE,
+    MAX_PIXELS,
+    ImageMeta,
+    _block_mean,
+    _note_reduction,
+    _reduction_factor,
+)
+from covidcxr.vocab import OTHER_MODALITY, UNKNOWN_VIEW, modality_from_header, view_from_header
+
+logger = logging.getLogger(__name__)
 
 # Projection radiography modalities; cross-sectional (CT, MR, PT, ...) and other objects are refused.
 _ACCEPTED_MODALITIES = {"CR", "DX", "DR", "RG", "OT", ""}
@@ -22,10 +35,22 @@ _SOP_CLASSES = {
     "MR": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
 }
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+# Photometric interpretations of the standard (PS3.3 C.7.6.3.1.2); any other header text is refused, unechoed.
+_PHOTOMETRICS = {"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL",
+                 "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB"}
+_CODE = re.compile(r"[A-Z0-9_ ]{1,16}")  # a well-formed DICOM code string (CS)
+
+
+def _shown(value: str) -> str:
+    """``value`` for an error message when it is a well-formed DICOM code string, else a placeholder.
+
+    Error messages reach API responses and the web page; header free text must not.
+    """
+    return value if _CODE.fullmatch(value) else "(not a valid code string)"
 
 
 # --------------------------------------------------------------------------------------------- DICOM
-def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
+def _read_dicom(data: bytes, name: str, max_side: int | None = MAX_DECODED_SIDE) -> tuple[np.ndarray, ImageMeta]:
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
@@ -36,17 +61,19 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
 
     modality = str(ds.get("Modality", "") or "").upper()
     sop = ds.get("SOPClassUID")
-    sop_name = getattr(sop, "name", sop) or "unknown SOP class"
+    sop_name = getattr(sop, "name", None) if getattr(sop, "is_valid", False) else None
+    sop_name = sop_name or "unknown SOP class"
     if "PixelData" not in ds and sop is None and not modality:
         raise ImageReadError(name, "corrupt DICOM file: no SOP class, modality or pixel data could be read")
     if "PixelData" not in ds:
         raise UnsupportedImageError(
-            name, f"DICOM object has no pixel data ({sop_name}, modality {modality or '?'}); not an image"
+            name, f"DICOM object has no pixel data ({sop_name}, modality {_shown(modality) if modality else '?'}); "
+            "not an image"
         )
     if modality not in _ACCEPTED_MODALITIES:
         raise UnsupportedImageError(
             name,
-            f"modality {modality} is not a projection radiograph "
+            f"modality {_shown(modality)} is not a projection radiograph "
             "(accepted: CR, DX, DR, RG, OT); CT/MR slices and other objects are refused",
         )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -59,17 +86,22 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
         raise ImageTooLargeError(name, f"{cols} x {rows} = {rows * cols:,} pixels exceeds the limit of {MAX_PIXELS:,}")
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
+    if photometric not in _PHOTOMETRICS:  # pydicom cannot decode it either (and would echo the text)
+        raise UnsupportedImageError(name, f"photometric interpretation {_shown(photometric)} is not a DICOM one")
     meta = ImageMeta(
         path=name,
         format="dicom",
         original_size=(rows, cols),
         bit_depth=int(ds.get("BitsStored", 8)),
         photometric=photometric,
-        view=view,
-        modality=modality or None,
+        view=_header_view(ds, name),
+        modality=_header_modality(modality, name),
     )
     arr = _decode_dicom_pixels(ds, name)
+    factor = _reduction_factor(rows, cols, max_side)
+    if factor > 1 and photometric != "PALETTE COLOR":  # palette indices are reduced after the colour lookup
+        arr = _block_mean(arr, factor)  # stored dtype kept: the LUTs below still apply
+        _note_reduction(meta, factor, arr.shape, max_side)
 
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         try:
@@ -89,12 +121,33 @@ def _read_dicom(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
         depth = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        if factor > 1:
+            arr = _block_mean(arr, factor)
+            _note_reduction(meta, factor, arr.shape, max_side)
     else:  # RGB / YBR_*: pydicom's pixel_array already converts YBR to RGB
         depth = meta.bit_depth
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise UnsupportedImageError(name, f"photometric interpretation {photometric} with shape {arr.shape}")
     meta.warn(f"{photometric} colour DICOM converted to grayscale")
     return (arr.astype(np.float32) @ _LUMA) / float(2**depth - 1), meta
+
+
+def _header_view(ds: Any, name: str) -> str:
+    """ViewPosition mapped onto :data:`covidcxr.vocab.VIEWS`; the raw header text is never kept or logged."""
+    raw = ds.get("ViewPosition")
+    view = view_from_header(raw)
+    if view == UNKNOWN_VIEW and str(raw or "").strip():
+        logger.debug("%s: ViewPosition not recognised (%d characters); view reported as %r", name,
+                     len(str(raw)), UNKNOWN_VIEW)
+    return view
+
+
+def _header_modality(modality: str, name: str) -> str:
+    """Modality mapped onto :data:`covidcxr.vocab.MODALITIES` (the refusal above has already seen the raw value)."""
+    mapped = modality_from_header(modality)
+    if mapped == OTHER_MODALITY and modality:
+        logger.debug("%s: modality reported as %r", name, OTHER_MODALITY)
+    return mapped
 
 
 def _decode_dicom_pixels(ds: Any, name: str) -> np.ndarray:

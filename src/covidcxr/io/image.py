@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 
 MAX_PIXELS = 80_000_000
 """Largest accepted image, in pixels (rows * columns); larger files are refused before decoding."""
+MAX_DECODED_SIDE = 4300
+"""Default longest side of a decoded image: larger images are reduced while decoding, by the smallest integer
+factor that brings both sides within it (area averaging, so a 10,000 x 8,000 image never becomes a float array of
+that size). The models need a few hundred pixels, the web page shows 768 and the lung mask is computed at 256."""
 
 _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "TIFF": "tiff"}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -31,11 +35,14 @@ class ImageMeta:
     Attributes:
         path: File path (or upload name) the image came from.
         format: ``'png'``, ``'jpeg'``, ``'tiff'`` or ``'dicom'``.
-        original_size: ``(height, width)`` in pixels.
+        original_size: ``(height, width)`` in pixels as stored (after EXIF orientation); the decoded array is
+            smaller when it was reduced to the ``max_side`` limit (``warnings`` then says so).
         bit_depth: Bits per sample as stored (DICOM: BitsStored).
         photometric: Photometric interpretation as stored (``'MONOCHROME1'``, ``'MONOCHROME2'``, ``'RGB'``, ...).
-        view: View position (``'PA'``, ``'AP'``, ``'LL'``, ...) when the file says so, else None.
-        modality: DICOM modality (``'DX'``, ``'CR'``, ...), None for non-DICOM files.
+        view: DICOM files: the ViewPosition mapped onto :data:`covidcxr.vocab.VIEWS` (``'PA'``, ``'AP'``,
+            ``'AP supine'``, ``'lateral'``, ``'unknown'``); None for other formats. Never the header's raw text.
+        modality: DICOM files: the Modality mapped onto :data:`covidcxr.vocab.MODALITIES` (``'CR'``, ``'DX'``,
+            ``'other'``); None for other formats. Never the header's raw text.
         warnings: Conversions applied on the way (colour to gray, MONOCHROME1 inversion, ...).
     """
 
@@ -54,11 +61,16 @@ class ImageMeta:
         logger.warning("%s: %s", self.path, message)
 
 
-def load_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, ImageMeta]:
+def load_image(
+    path: str | os.PathLike[str], *, max_side: int | None = MAX_DECODED_SIDE
+) -> tuple[np.ndarray, ImageMeta]:
     """Read a PNG, JPEG, TIFF or DICOM chest X-ray (format found from the content, not the name).
 
     Args:
         path: Image file.
+        max_side: Longest side of the returned array: a larger image is reduced while decoding by the smallest
+            integer factor that fits (area averaging; ``meta.warnings`` notes it, ``meta.original_size`` keeps
+            the stored size). None decodes at full size.
 
     Returns:
         ``(image, meta)``: float32 ``H x W`` array in ``[0, 1]`` (see the module docstring for the intensity
@@ -69,6 +81,7 @@ def load_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, ImageMeta]:
         UnsupportedImageError: Valid file this package refuses (multi-frame, no pixel data, CT/MR, other format,
             missing codec plugin).
         ImageTooLargeError: More than :data:`MAX_PIXELS` pixels.
+        ConfigError: ``max_side`` is not a positive integer or None.
     """
     path = Path(path)
     if not path.exists():
@@ -79,36 +92,123 @@ def load_image(path: str | os.PathLike[str]) -> tuple[np.ndarray, ImageMeta]:
         data = path.read_bytes()
     except OSError as e:
         raise ImageReadError(path, f"cannot read file ({e.strerror or e})") from e
-    return load_image_bytes(data, str(path))
+    return load_image_bytes(data, str(path), max_side=max_side)
 
 
-def load_image_bytes(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
+def load_image_bytes(
+    data: bytes, name: str, *, max_side: int | None = MAX_DECODED_SIDE
+) -> tuple[np.ndarray, ImageMeta]:
     """Read an image from memory (e.g. a web upload); same contract as :func:`load_image`.
 
     Args:
         data: File content.
         name: File name, used only in messages and ``meta.path``.
+        max_side: As :func:`load_image`.
 
     Returns:
         ``(image, meta)`` as :func:`load_image`.
 
     Raises:
-        ImageReadError, UnsupportedImageError, ImageTooLargeError: As :func:`load_image`.
+        ImageReadError, UnsupportedImageError, ImageTooLargeError, ConfigError: As :func:`load_image`.
     """
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int | np.integer)
+                                 or max_side < 1):
+        raise ConfigError(f"max_side={max_side!r}: expected a positive number of pixels or None")
     if len(data) == 0:
         raise ImageReadError(name, "empty file (0 bytes)")
     if data[128:132] == b"DICM":
         from covidcxr.io.dicom import _read_dicom  # dicom.py builds on ImageMeta from here
 
-        image, meta = _read_dicom(data, name)
+        image, meta = _read_dicom(data, name, max_side)
     else:
-        image, meta = _read_pil(data, name)
+        image, meta = _read_pil(data, name, max_side)
     image = np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0).astype(np.float32, copy=False)
     return np.ascontiguousarray(image), meta
 
 
+# --------------------------------------------------------------------------------------------- reduction
+def _reduction_factor(height: int, width: int, max_side: int | None) -> int:
+    """Smallest integer factor ``f`` with ``ceil(side / f) <= max_side`` for both sides (1: no reduction)."""
+    if max_side is None or max(height, width) <= max_side:
+        return 1
+    return -(-max(height, width) // max_side)
+
+
+def _reduced_size(height: int, width: int, factor: int) -> tuple[int, int]:
+    """``(height, width)`` after reducing by ``factor`` (partial edge blocks count as one pixel)."""
+    return -(-height // factor), -(-width // factor)
+
+
+def _note_reduction(meta: ImageMeta, factor: int, shape: tuple[int, ...], max_side: int | None) -> None:
+    h, w = meta.original_size
+    meta.warn(f"reduced from {w} x {h} to {shape[1]} x {shape[0]} px (factor {factor}; decoded side limit "
+              f"{max_side})")
+
+
+def _block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average ``arr`` (``H x W`` or ``H x W x C``) over ``factor x factor`` blocks, keeping its dtype.
+
+    Integer inputs are rounded back to their own dtype, so lookup tables (DICOM Modality/VOI LUT, palettes) still
+    apply afterwards. Works in strips of rows: only a few megabytes are ever held in float64, never the full frame.
+    """
+    h, w = arr.shape[:2]
+    oh, ow = _reduced_size(h, w, factor)
+    out = np.empty((oh, ow, *arr.shape[2:]), dtype=arr.dtype)
+    integer = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_
+    col_starts = np.arange(0, w, factor)
+    col_count = np.minimum(factor, w - col_starts).astype(np.float64)
+    extra = (1,) * (arr.ndim - 2)
+    rows_per_strip = max(1, (1 << 21) // max(1, w * factor * int(np.prod(arr.shape[2:], dtype=np.int64))))
+    for r0 in range(0, oh, rows_per_strip):
+        r1 = min(oh, r0 + rows_per_strip)
+        strip = arr[r0 * factor:min(h, r1 * factor)].astype(np.float64)
+        row_starts = np.arange(0, strip.shape[0], factor)
+        sums = np.add.reduceat(np.add.reduceat(strip, row_starts, axis=0), col_starts, axis=1)
+        count = np.minimum(factor, strip.shape[0] - row_starts).astype(np.float64)[:, None] * col_count[None, :]
+        mean = sums / count.reshape(count.shape + extra)
+        if integer:
+            info = np.iinfo(arr.dtype) if arr.dtype != np.bool_ else None
+            mean = np.rint(mean)
+            if info is not None:
+                mean = np.clip(mean, info.min, info.max)
+        out[r0:r1] = mean
+    return out
+
+
+# Pillow transposes matching EXIF orientations 2-8 (as ImageOps.exif_transpose applies them).
+_EXIF_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                   7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _reduce_pil(im: Any, fmt: str, factor: int) -> tuple[Any, tuple[int, int]]:
+    """Decode ``im`` reduced by ``factor`` (JPEG: DCT scaling via ``draft`` first) and apply its EXIF orientation.
+
+    Returns the reduced, oriented image and the stored ``(height, width)`` after orientation.
+    """
+    from PIL import Image
+
+    w, h = im.size
+    orientation = im.getexif().get(0x0112, 1) if fmt in ("jpeg", "tiff") else 1
+    rh, rw = _reduced_size(h, w, factor)
+    if fmt == "jpeg":
+        im.draft(im.mode, (rw, rh))  # decodes at 1/2, 1/4 or 1/8 scale, never below the requested size
+    im.load()
+    # Pillow resizes bilevel and palette images with nearest neighbour only, and premultiplies alpha (which is
+    # ignored here anyway): reduce gray or RGB instead.
+    if im.mode in ("1", "LA", "La"):
+        im = im.convert("L")
+    elif im.mode in ("P", "PA", "RGBA", "RGBa"):
+        im = im.convert("RGB")
+    if im.size != (rw, rh):
+        im = im.resize((rw, rh), Image.Resampling.BOX)
+    method = _EXIF_TRANSPOSE.get(orientation)
+    if method is not None:
+        im = im.transpose(getattr(Image.Transpose, method))
+    return im, ((w, h) if orientation in (5, 6, 7, 8) else (h, w))
+
+
 # --------------------------------------------------------------------------------------------- PIL formats
-def _read_pil(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
+def _read_pil(data: bytes, name: str, max_side: int | None = MAX_DECODED_SIDE) -> tuple[np.ndarray, ImageMeta]:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -132,20 +232,30 @@ def _read_pil(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
     if getattr(im, "n_frames", 1) > 1 and fmt == "tiff":
         raise UnsupportedImageError(name, f"multi-page TIFF ({im.n_frames} pages); save one frontal image per file")
     int_bits = _tiff_bits(im) if fmt == "tiff" else 16  # read before exif_transpose drops the TIFF tags
+    stored_mode = im.mode
+    factor = _reduction_factor(h, w, max_side)
     try:
-        im.load()
-        if fmt in ("jpeg", "tiff"):
-            im = ImageOps.exif_transpose(im)
+        if factor > 1:
+            im, original_size = _reduce_pil(im, fmt, factor)
+        else:
+            im.load()
+            if fmt in ("jpeg", "tiff"):
+                im = ImageOps.exif_transpose(im)
+            original_size = im.size[::-1]
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
         raise ImageReadError(name, f"truncated or corrupt {fmt.upper()} image data ({e})") from e
 
     mode = im.mode
-    meta = ImageMeta(path=name, format=fmt, original_size=im.size[::-1], bit_depth=8, photometric="MONOCHROME2")
+    meta = ImageMeta(path=name, format=fmt, original_size=original_size, bit_depth=8, photometric="MONOCHROME2")
+    if factor > 1:
+        _note_reduction(meta, factor, im.size[::-1], max_side)
+        if stored_mode == "1":  # reduced as 8-bit gray (block averages of the bilevel image): the "L" branch
+            meta.bit_depth = 1
     if mode == "1":
         meta.bit_depth = 1
         return np.asarray(im, dtype=np.float32), meta
     if mode in ("L", "LA"):
-        if mode == "LA":
+        if stored_mode in ("LA", "La"):
             meta.warn("alpha channel ignored")
         return np.asarray(im.getchannel(0), dtype=np.float32) / 255.0, meta
     if mode.startswith("I;16") or mode == "I":
@@ -161,8 +271,8 @@ def _read_pil(data: bytes, name: str) -> tuple[np.ndarray, ImageMeta]:
             arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
         return arr, meta
     # Colour (RGB, RGBA, P, CMYK, YCbCr, ...): to gray with a warning.
-    meta.photometric = {"P": "PALETTE COLOR"}.get(mode, mode)
-    meta.warn(f"{mode} colour image converted to grayscale")
+    meta.photometric = {"P": "PALETTE COLOR"}.get(stored_mode, stored_mode)
+    meta.warn(f"{stored_mode} colour image converted to grayscale")
     rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
     return rgb @ _LUMA / 255.0, meta
 

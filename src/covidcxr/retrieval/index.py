@@ -14,7 +14,8 @@ On disk an index is one directory::
                       given (source, view, image, thumbnail, study_date, ...)
 
 Saves are atomic: the new directory is written next to the old one and swapped in with renames, so a crash at any
-point leaves a loadable index (the previous one, or the new one once complete).
+point leaves a loadable index (the previous one, or the new one once complete). What a killed save leaves beside
+the index (``.NAME.tmp-PID-*``, ``.NAME.old``) is removed by the next save or load (``storage._remove_stale``).
 
 This module never imports torch, so search can be served and tested without it. It is longer than most: the
 estimator's fit, add, search, save and load share one set of invariants (dimension, PCA, kind, metadata rows =
@@ -52,7 +53,9 @@ from covidcxr.retrieval.storage import (
     _fsync_dir,
     _fsync_file,
     _import_faiss,
+    _remove_stale,
     _swap_in,
+    _tmp_prefix,
     _write_faiss,
     _write_header,
 )
@@ -433,8 +436,9 @@ class CaseIndex:
                               "replace it")
         directory.parent.mkdir(parents=True, exist_ok=True)
         faiss = _import_faiss()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=directory.parent))
         try:
+            _remove_stale(directory, in_flight=tmp)  # what killed saves left (never our own tmp)
             _write_faiss(tmp / INDEX_FILE, self.index_)
             if self.pca_ is not None:
                 faiss.write_VectorTransform(self.pca_, str(tmp / PCA_FILE))
@@ -488,6 +492,7 @@ class CaseIndex:
             IndexMismatchError: format version, dimension or model hash differ from what is expected.
         """
         directory = Path(directory)
+        _remove_stale(directory)  # leftovers of killed saves; a backup is kept while it is the only index
         src = directory
         if not (directory / HEADER_FILE).is_file():
             backup = _backup_path(directory)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------- file helpers (patchable in tests)
 
@@ -55,11 +60,92 @@ def _backup_path(directory: Path) -> Path:
     return directory.with_name(f".{directory.name}.old")
 
 
+# A save writes ``.NAME.tmp-PID-XXXXXXXX`` (``tempfile.mkdtemp``'s 8 random characters) beside the index
+# ``NAME``; saves before the PID was part of the name wrote ``.NAME.tmp-XXXXXXXX``.
+_TMP_SUFFIX = re.compile(r"\.tmp-(?:(?P<pid>[0-9]+)-)?[a-z0-9_]{8}")
+UNTAGGED_STALE_S = 600.0
+"""Temporary directories whose name carries no live process id are removed once this old (seconds)."""
+
+
+def _tmp_prefix(directory: Path) -> str:
+    """Name prefix of this process's temporary save directories for the index ``directory``."""
+    return f".{directory.name}.tmp-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _tmp_is_stale(entry: os.DirEntry[str], pid: str | None, reference: float) -> bool:
+    try:
+        mtime = entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    if mtime > reference:  # newer than our own in-flight save (or than this load): another save's
+        return False
+    if pid is None or os.name != "posix":  # no process to ask (os.kill(pid, 0) would kill it on Windows)
+        return mtime < reference - UNTAGGED_STALE_S
+    return int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
+def _remove_stale(directory: Path, *, in_flight: Path | None = None) -> int:
+    """Remove what interrupted saves of the index ``directory`` left beside it; returns how many were removed.
+
+    Only entries named after *this* index are considered, and only directories (never links or files):
+
+    * ``.NAME.tmp-PID-*`` written by a process that is no longer running, and ``.NAME.tmp-*`` without a process
+      id once :data:`UNTAGGED_STALE_S` old; both only when older than ``in_flight`` (the caller's own temporary
+      directory, which is never touched) or, without one, than now;
+    * ``.NAME.old``, the previous index kept by a save that died after its swap, only while ``NAME`` itself is a
+      complete index (otherwise the backup is the index :meth:`CaseIndex.load` falls back to).
+    """
+    parent, prefix = directory.parent, f".{directory.name}"
+    reference = time.time()
+    if in_flight is not None:
+        try:
+            reference = in_flight.stat().st_mtime
+        except OSError:
+            return 0
+    try:
+        with os.scandir(parent) as it:
+            entries = [e for e in it if e.name.startswith(prefix)]
+    except OSError:
+        return 0
+    removed = 0
+    for entry in entries:
+        rest = entry.name[len(prefix):]
+        if in_flight is not None and entry.name == in_flight.name:
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            m = _TMP_SUFFIX.fullmatch(rest)
+            if m is not None:
+                stale = _tmp_is_stale(entry, m.group("pid"), reference)
+            else:
+                stale = rest == ".old" and (directory / HEADER_FILE).is_file()
+        except OSError:  # housekeeping never fails a save or a load
+            continue
+        if stale:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += not os.path.lexists(entry.path)
+    if removed:
+        logger.info("%s: removed %d stale temporary/backup director%s left by interrupted saves", directory,
+                    removed, "y" if removed == 1 else "ies")
+    return removed
+
+
 def _swap_in(tmp: Path, directory: Path) -> None:
     """Move the complete ``tmp`` directory to ``directory``, keeping the old index until the new one is in place."""
     backup = _backup_path(directory)
     if backup.exists() and directory.exists():
-        shutil.rmtree(backup)  # leftover of an earlier save that crashed after its swap
+        shutil.rmtree(backup, ignore_errors=True)  # leftover of an earlier save that crashed after its swap
     if directory.exists():
         if (directory / HEADER_FILE).is_file():
             os.replace(directory, backup)

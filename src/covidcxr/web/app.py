@@ -5,7 +5,12 @@ Endpoints:
 * ``POST /api/v1/analyze``: multipart upload (PNG, JPEG or DICOM) -> probability, label at the stored threshold,
   QC flags, Grad-CAM and lung-outline overlays (base64 PNG), the k most similar cases, model version.
 * ``GET /api/v1/cases/{case_id}/thumbnail``: PNG thumbnail of an indexed case (looked up by id, never a path).
-* ``GET /healthz``; OpenAPI docs at ``/docs``.
+* ``GET /healthz``; OpenAPI docs at ``/docs`` (Swagger UI served from the package, no CDN: it works offline).
+
+Every response carries a Content-Security-Policy and ``X-Content-Type-Options: nosniff``; every ``/api/``
+response (results, thumbnails, errors: patient data) ``Cache-Control: no-store``. Errors, FastAPI's own validation
+errors included, have one shape: ``{"detail": "<reason>"}`` (:class:`ErrorBody`). :func:`serve` truncates the
+client-supplied request line in uvicorn's log records (:class:`TruncateLoggedUrls`).
 
 The model and index are loaded once by :func:`create_app`; the CPU-bound analysis runs in the service's analysis
 thread pool, so the event loop keeps serving (health checks, thumbnails, the page, other uploads) while requests
@@ -15,6 +20,7 @@ are being analysed.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,8 +30,11 @@ from typing import Any
 
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
@@ -47,6 +56,134 @@ MULTIPART_SLACK = 64 * 1024
 # The page only loads its own files and the data: URLs of the overlays it receives.
 _PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
              "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+# Swagger UI runs only its own same-origin scripts (no inline script: see static/swagger-ui/init.js) but sets inline
+# styles (React style attributes, highlighted code) and shows data: SVG icons.
+_DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self'; "
+             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+DOCS_PATH = "/docs"
+OPENAPI_PATH = "/openapi.json"
+_DOCS_HTML = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>covidcxr - API docs</title>
+<link rel="icon" href="data:,">
+<link rel="stylesheet" href="/static/swagger-ui/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui" data-openapi-url="{OPENAPI_PATH}"></div>
+<script src="/static/swagger-ui/swagger-ui-bundle.js"></script>
+<script src="/static/swagger-ui/init.js"></script>
+</body>
+</html>
+"""
+LOGGED_URL_CHARS = 200
+"""Most characters of one client-supplied string (path + query, method) that a log record keeps."""
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of the API."""
+
+    detail: str = Field(description="Why the request was refused (never contains patient identifiers)")
+
+
+def _error_doc(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+class SecurityHeaders:
+    """Add the Content-Security-Policy, ``nosniff`` and (on ``/api/``) ``Cache-Control: no-store`` to every response.
+
+    A plain ASGI middleware wrapped around the whole app (outside FastAPI's error middleware), so error answers,
+    static files, the docs and the 413 of :class:`ContentLengthLimit` get the headers too.
+
+    Args:
+        app: The ASGI app.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        csp = _DOCS_CSP if path == DOCS_PATH else _PAGE_CSP
+        patient_data = path.startswith("/api/")
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["Content-Security-Policy"] = csp
+                headers["X-Content-Type-Options"] = "nosniff"
+                if patient_data:
+                    headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class PNGResponse(Response):
+    """A PNG image (so the schema documents ``image/png`` only)."""
+
+    media_type = "image/png"
+
+
+class _App(FastAPI):
+    """FastAPI with :class:`SecurityHeaders` outside every other middleware (500 answers included), and a schema
+    without the validation-error shape FastAPI adds to routes with parameters (its 422s use :class:`ErrorBody`)."""
+
+    def build_middleware_stack(self) -> Any:
+        return SecurityHeaders(super().build_middleware_stack())
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    answer = operation.get("responses", {}).get("422", {})
+                    if "HTTPValidationError" in str(answer.get("content")):
+                        del operation["responses"]["422"]  # a route whose parameters cannot be invalid
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
+class TruncateLoggedUrls(logging.Filter):
+    """Shorten long string arguments of a log record (uvicorn's access line: client, method, path + query).
+
+    A client chooses the path; a 100,000-character case id must not become a 100,000-character log line.
+
+    Args:
+        limit: Characters kept of each string argument.
+    """
+
+    def __init__(self, limit: int = LOGGED_URL_CHARS) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and len(a) > self.limit for a in record.args):
+            record.args = tuple(
+                f"{a[: self.limit]}...[{len(a) - self.limit} more chars]"
+                if isinstance(a, str) and len(a) > self.limit else a
+                for a in record.args
+            )
+        return True
+
+
+def uvicorn_log_config(limit: int = LOGGED_URL_CHARS) -> dict[str, Any]:
+    """Uvicorn's default logging config with :class:`TruncateLoggedUrls` on its access and error loggers."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["truncate_urls"] = {"()": TruncateLoggedUrls, "limit": limit}
+    for name in ("uvicorn.access", "uvicorn.error"):
+        config["loggers"].setdefault(name, {})
+        config["loggers"][name]["filters"] = [*config["loggers"][name].get("filters", []), "truncate_urls"]
+    return config
 
 
 class ContentLengthLimit:
@@ -121,10 +258,13 @@ def build_app(service: CaseService) -> FastAPI:
         yield
         service.close()
 
-    app = FastAPI(
+    app = _App(
         lifespan=lifespan,
         title="covidcxr",
         version=__version__,
+        openapi_url=OPENAPI_PATH,
+        docs_url=None,  # served below from the package's own Swagger UI files (the default loads them from a CDN)
+        redoc_url=None,  # ReDoc also comes from a CDN and is not vendored
         description="COVID-19 probability, lung segmentation QC, Grad-CAM and similar cases for one frontal chest "
                     "X-ray. Research software: not a medical device.",
     )
@@ -138,21 +278,28 @@ def build_app(service: CaseService) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 413:
-            return error(413, too_large)
-        return error(exc.status_code, str(exc.detail))
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Any) -> Any:
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        if request.url.path == "/":
-            response.headers["Content-Security-Policy"] = _PAGE_CSP
+        response = error(413, too_large) if exc.status_code == 413 else error(exc.status_code, str(exc.detail))
+        for name, value in (exc.headers or {}).items():  # e.g. the Allow header of a 405 (RFC 9110)
+            response.headers[name] = value
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 (no file field, not multipart) in the API's one error shape; the submitted values
+        # ("input") are left out on purpose.
+        reasons = []
+        for problem in exc.errors():
+            where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+            reasons.append(f"{where}: {problem.get('msg', 'invalid')}" if where else str(problem.get("msg")))
+        return error(422, "invalid request: " + "; ".join(reasons or ["invalid"]))
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(static / "index.html", media_type="text/html")
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(_DOCS_HTML)
 
     app.mount("/static", StaticFiles(directory=static), name="static")
 
@@ -166,9 +313,12 @@ def build_app(service: CaseService) -> FastAPI:
         summary="Analyse one chest X-ray (PNG, JPEG or DICOM)",
         max_body_size=body_limit,
         responses={
-            413: {"description": "Upload (or image) larger than the limit"},
-            415: {"description": "Not a PNG, JPEG or DICOM file, or a DICOM object that is refused"},
-            422: {"description": "Corrupt or truncated image, or a missing file field"},
+            400: _error_doc("Malformed multipart body"),
+            413: _error_doc("Upload (or image) larger than the limit"),
+            415: _error_doc("Not a PNG, JPEG or DICOM file (recognised by content), or a DICOM object that is refused"),
+            422: _error_doc("Corrupt, truncated or empty image, a missing file field, or a body that is not "
+                            "multipart/form-data"),
+            500: _error_doc("The analysis failed (details in the server log)"),
         },
     )
     async def analyze(file: UploadFile = UPLOAD_FIELD) -> JSONResponse:
@@ -193,7 +343,14 @@ def build_app(service: CaseService) -> FastAPI:
         "/api/v1/cases/{case_id:path}/thumbnail",
         tags=["cases"],
         summary="Thumbnail of an indexed case",
-        responses={200: {"content": {"image/png": {}}}, 404: {"description": "Unknown case or image unavailable"}},
+        response_class=PNGResponse,
+        responses={
+            200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                  "description": "PNG thumbnail (sent with Cache-Control: no-store)"},
+            # Spelled out: with a model, FastAPI would document the error under the route's image/png.
+            404: {"description": "Unknown case or image unavailable",
+                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
+        },
     )
     async def thumbnail(case_id: str) -> Response:
         if not service.has_case(case_id):
@@ -202,7 +359,7 @@ def build_app(service: CaseService) -> FastAPI:
             png = await run_in_threadpool(service.thumbnail_png, case_id)
         except CaseIndexError as exc:
             return error(404, str(exc))
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return PNGResponse(png, headers={"Cache-Control": "no-store"})
 
     return app
 
@@ -222,4 +379,5 @@ def serve(model_dir: str | Path, index_dir: str | Path, settings: ServeSettings 
     if settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: the API is reachable from other machines and has no authentication",
                     settings.host)
-    uvicorn.run(app, host=settings.host, port=int(settings.port), log_level="info", server_header=False)
+    uvicorn.run(app, host=settings.host, port=int(settings.port), log_level="info", server_header=False,
+                log_config=uvicorn_log_config())

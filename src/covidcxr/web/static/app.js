@@ -98,7 +98,7 @@
     const facts = [];
     if (im.format) facts.push(im.format.toUpperCase());
     if (im.width) facts.push(im.width + " × " + im.height + " px");
-    if (im.view) facts.push(im.view);
+    if (im.view && im.view !== "unknown") facts.push(im.view);
     $("image-facts").textContent = facts.join(" · ");
     show($("drop-zone"), false);
     show($("viewer"), true);
