@@ -6,6 +6,11 @@ percentiles, throughput, the error count (must be 0) and the server's resident m
 warm-up, at its peak during the run and at the end (steady state). Results go to ``benchmarks/results/serve.json``
 and ``serve.md``.
 
+Mixed load (``--big-every N``): every N-th measured request uploads a 10,000 x 8,000 all-zeros PNG instead (a small
+file that decodes to a big image: 80 MP, reduced while decoding to the server's ``--max-side``). The report then adds
+the server's peak RSS against its idle RSS after the warm-up (target: peak <= 2x idle), the 503 answers (bounded
+queue) and the latency of the normal requests alone. 503s are counted apart, not as errors.
+
 Without ``--model``/``--index`` it builds a toy model and index under a temporary folder (random ResNet-18 at
 ``--input-size``, tiny lung U-Net, ``--cases`` synthetic cases): the service does all the real work (decode,
 segment, classify, Grad-CAM, search, PNG encoding), only the weights are meaningless.
@@ -14,6 +19,7 @@ Usage::
 
     python benchmarks/serve_load.py                               # toy model, 200 requests at concurrency 8
     python benchmarks/serve_load.py --model out/model --index out/index --requests 500 --image some.dcm
+    python benchmarks/serve_load.py --big-every 10 --out benchmarks/results/serve_mixed.json   # mixed load
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=4, help="unmeasured requests first (default 4)")
     p.add_argument("-k", type=int, default=8, help="similar cases per request (default 8)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    p.add_argument("--big-every", type=int, default=0, metavar="N",
+                   help="every N-th request uploads a 10,000 x 8,000 all-zeros PNG (default 0: never)")
+    p.add_argument("--big-size", type=int, nargs=2, default=(10_000, 8_000), metavar=("W", "H"),
+                   help="size of that big PNG (default 10000 8000)")
     p.add_argument("--out", type=Path, default=RESULTS / "serve.json", help="JSON result (a .md is written too)")
     return p.parse_args(argv)
 
@@ -145,6 +155,17 @@ def make_upload(root: Path, args: argparse.Namespace) -> tuple[bytes, str]:
     return path.read_bytes(), "upload.png"
 
 
+def make_big_upload(width: int, height: int) -> bytes:
+    """An all-zeros grayscale PNG of ``width x height``: tiny file, big decoded image."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 0).save(buf, format="PNG", optimize=False, compress_level=9)
+    return buf.getvalue()
+
+
 def start_server(model: Path, index: Path, port: int, k: int, log_path: Path) -> subprocess.Popen:
     code = ("import sys; from covidcxr.cli import main; "
             f"sys.exit(main(['serve', '--model', {str(model)!r}, '--index', {str(index)!r}, "
@@ -170,34 +191,45 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> dict
     raise TimeoutError(f"server not ready after {timeout:.0f} s")
 
 
-async def run_load(url: str, data: bytes, name: str, n: int, concurrency: int, timeout: float) -> dict[str, Any]:
+async def run_load(url: str, data: bytes, name: str, n: int, concurrency: int, timeout: float,
+                   big: bytes | None = None, big_every: int = 0) -> dict[str, Any]:
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
+    latencies: list[float] = []  # normal requests answered 200
+    big_latencies: list[float] = []
     errors: list[str] = []
+    busy = {"normal": 0, "big": 0}  # 503 answers of the bounded queue
     server_ms: list[float] = []
 
-    async def one(client: httpx.AsyncClient) -> None:
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        is_big = big is not None and big_every > 0 and i % big_every == big_every - 1
+        body, fname = (big, "big.png") if is_big else (data, name)
         async with sem:
             t0 = time.perf_counter()
             try:
-                r = await client.post(url + "/api/v1/analyze", files={"file": (name, data, "application/octet-stream")})
+                r = await client.post(url + "/api/v1/analyze", files={"file": (fname, body, "application/octet-stream")})
             except httpx.HTTPError as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 return
-            latencies.append(time.perf_counter() - t0)
-            if r.status_code != 200:
+            elapsed = time.perf_counter() - t0
+            if r.status_code == 503:
+                busy["big" if is_big else "normal"] += 1
+            elif r.status_code != 200:
                 errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+            elif is_big:
+                big_latencies.append(elapsed)
             else:
+                latencies.append(elapsed)
                 server_ms.append(float(r.json()["timing_ms"]["total"]))
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(client) for _ in range(n)))
+        await asyncio.gather(*(one(client, i) for i in range(n)))
         wall = time.perf_counter() - t0
-    return {"latencies": latencies, "errors": errors, "server_ms": server_ms, "wall": wall}
+    return {"latencies": latencies, "big_latencies": big_latencies, "errors": errors, "busy": busy,
+            "server_ms": server_ms, "wall": wall}
 
 
 def percentiles(values: list[float], scale: float = 1000.0) -> dict[str, float]:
@@ -235,6 +267,26 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"run, {mem['end']:.0f} MiB at the end (steady state; growth over the run {mem['growth']:+.0f} MiB)."),
         "",
     ]
+    mixed = result.get("mixed")
+    if mixed:
+        lines += [
+            "## Mixed load",
+            "",
+            (f"Every {mixed['big_every']}th request ({mixed['big_requests']} of {result['requests']}) uploaded a "
+             f"{mixed['big_size'][0]:,} x {mixed['big_size'][1]:,} all-zeros PNG ({mixed['big_bytes'] / 1e3:.0f} kB "
+             "file; decoded at the server's max side)."),
+            "",
+            ("| idle RSS after warm-up (MiB) | peak RSS (MiB) | peak / idle | target <= 2x | 503 (normal / big) | "
+             "normal p50 (ms) | normal p95 (ms) | big p50 (ms) |"),
+            "|---:|---:|---:|:---:|---:|---:|---:|---:|",
+            (f"| {mem['after_warmup']:.0f} | {mem['peak']:.0f} | {mixed['peak_over_idle']:.2f} | "
+             f"{'met' if mixed['target_met'] else 'MISSED'} | {mixed['busy_503']['normal']} / "
+             f"{mixed['busy_503']['big']} | {lat.get('p50')} | {lat.get('p95')} | "
+             f"{mixed['big_latency_ms'].get('p50')} |"),
+            "",
+            "The latency table above counts the normal requests only.",
+            "",
+        ]
     if result["error_samples"]:
         lines += ["Errors (first few):", ""] + [f"- `{e}`" for e in result["error_samples"]] + [""]
     path.write_text("\n".join(lines))
@@ -257,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             model_info = {"kind": cfg.get("kind", "classifier"), "arch": cfg.get("arch"),
                           "input_size": cfg.get("input_size")}
         data, name = make_upload(root, args)
+        big = make_big_upload(*args.big_size) if args.big_every > 0 else None
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(model, index, port, args.k, root / "server.log")
@@ -271,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             rss_warm = rss_mb(proc.pid)
             sampler = RssSampler(proc.pid)
             sampler.start()
-            run = asyncio.run(run_load(url, data, name, args.requests, args.concurrency, args.timeout))
+            run = asyncio.run(run_load(url, data, name, args.requests, args.concurrency, args.timeout,
+                                       big=big, big_every=args.big_every))
             samples = sampler.stop()
             time.sleep(1.0)
             rss_end = rss_mb(proc.pid)
@@ -311,13 +365,24 @@ def main(argv: list[str] | None = None) -> int:
             "growth": round(rss_end - rss_warm, 1),
         },
     }
+    if big is not None:
+        peak = result["server_rss_mb"]["peak"]
+        ratio = peak / rss_warm if rss_warm > 0 else float("nan")
+        result["mixed"] = {
+            "big_every": args.big_every, "big_size": list(args.big_size), "big_bytes": len(big),
+            "big_requests": sum(1 for i in range(args.requests) if i % args.big_every == args.big_every - 1),
+            "peak_over_idle": round(ratio, 3), "target": "peak <= 2x idle (after warm-up)",
+            "target_met": bool(ratio <= 2.0), "busy_503": run["busy"],
+            "big_latency_ms": percentiles(run["big_latencies"]),
+        }
+    result["busy_503"] = sum(run["busy"].values())
     if run["errors"]:
         result["server_log_tail"] = server_log
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, args.out.with_suffix(".md"))
-    print(json.dumps({k: result[k] for k in ("requests", "concurrency", "errors", "throughput_rps", "latency_ms",
-                                              "server_rss_mb")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("requests", "concurrency", "errors", "busy_503", "throughput_rps",
+                                              "latency_ms", "server_rss_mb", "mixed") if k in result}, indent=2))
     return 0 if not run["errors"] else 1
 
 

@@ -28,12 +28,14 @@ pytestmark = pytest.mark.slow
 
 OPERATIONS = [("/healthz", "GET"), ("/api/v1/cases/{case_id}/thumbnail", "GET"), ("/api/v1/analyze", "POST")]
 MAX_EXAMPLES = 30
+TOKEN = "contract-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}  # with it, every documented answer but 401; without it, 401
 
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory: pytest.TempPathFactory):
     toy = make_toy_assets(tmp_path_factory.mktemp("toy"), n_cases=9, image_size=80, seg_mode="mask")
-    app = create_app(toy.model_dir, toy.index_dir, ServeSettings(k=3, max_upload_mb=0.5))
+    app = create_app(toy.model_dir, toy.index_dir, ServeSettings(k=3, max_upload_mb=0.5, token=TOKEN))
     with TestClient(app):  # one lifespan (the service's analysis threads stop at its end), as under uvicorn
         yield schemathesis.openapi.from_asgi("/openapi.json", _without_lifespan(app))
 
@@ -74,6 +76,6 @@ def test_api_keeps_its_contract(api_schema, path, method, mode) -> None:
     @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     def check(case) -> None:
-        case.call_and_validate(excluded_checks=excluded)
+        case.call_and_validate(headers=AUTH, excluded_checks=excluded)
 
     check()

@@ -69,6 +69,11 @@ def _post(client: TestClient, data: bytes, name: str = "image.png", **kwargs):
     return client.post("/api/v1/analyze", files={"file": (name, data, "application/octet-stream")}, **kwargs)
 
 
+def _thumb_url(client: TestClient, real_case_id: str) -> str:
+    """Thumbnail URL of an index case under the id clients see (a pseudonym by default)."""
+    return f"/api/v1/cases/{client.app.state.service.public_id('case', real_case_id)}/thumbnail"
+
+
 def _png_size(b64: str) -> tuple[int, int]:
     with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
         assert im.format == "PNG"
@@ -120,7 +125,7 @@ def test_analyze_returns_the_full_result(client, cxr, tmp_path, fmt) -> None:
     assert len(cases) == K and [c["rank"] for c in cases] == list(range(1, K + 1))
     assert all(c["score"] >= d["score"] for c, d in itertools.pairwise(cases))
     for c in cases:
-        assert c["label"] in ("covid", "non_covid") and c["patient_id"].startswith("P")
+        assert c["label"] in ("covid", "non_covid") and re.fullmatch(r"[0-9a-f]{12}", c["patient_id"])
         assert c["thumbnail_url"] == f"/api/v1/cases/{c['case_id']}/thumbnail"
         assert "image" not in c  # server file paths are never sent
     assert res["model"]["version"] == client.get("/healthz").json()["model"]
@@ -128,16 +133,17 @@ def test_analyze_returns_the_full_result(client, cxr, tmp_path, fmt) -> None:
 
 
 def test_thumbnail_of_a_returned_case(client, toy) -> None:
-    r = client.get("/api/v1/cases/case004/thumbnail")
+    r = client.get(_thumb_url(client, "case004"))
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(r.content)) as im:
         assert max(im.size) <= 160
-    assert client.get("/api/v1/cases/case004/thumbnail").content == r.content  # cached, same bytes
+    assert client.get(_thumb_url(client, "case004")).content == r.content  # cached, same bytes
 
 
 @pytest.mark.parametrize(
     "case_id",
-    ["nope", "..%2F..%2F..%2Fetc%2Fpasswd", "../../etc/passwd", "%2Fetc%2Fpasswd", "case004%00", "images/case004.png"],
+    ["nope", "..%2F..%2F..%2Fetc%2Fpasswd", "../../etc/passwd", "%2Fetc%2Fpasswd", "case004%00", "images/case004.png",
+     "case004"],  # the archive's real id: clients see pseudonyms
 )
 def test_thumbnail_ids_are_looked_up_never_used_as_paths(client, case_id) -> None:
     r = client.get(f"/api/v1/cases/{case_id}/thumbnail")
@@ -150,11 +156,11 @@ def test_thumbnail_of_a_case_whose_image_is_gone_is_404(client, toy) -> None:
     moved = path.with_suffix(".moved")
     path.rename(moved)
     try:
-        r = client.get("/api/v1/cases/case008/thumbnail")
+        r = client.get(_thumb_url(client, "case008"))
     finally:
         moved.rename(path)
     assert r.status_code == 404 and "unavailable" in r.json()["detail"]
-    assert str(path) not in r.text
+    assert str(path) not in r.text and "case008" not in r.text
 
 
 def test_docs_load_only_same_origin_assets(client) -> None:
@@ -197,7 +203,7 @@ def test_every_response_carries_the_security_headers(client, method, url) -> Non
 
 
 def test_patient_data_is_never_cached(client, cxr, tmp_path) -> None:
-    r = client.get("/api/v1/cases/case004/thumbnail")
+    r = client.get(_thumb_url(client, "case004"))
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"
     r = _post(client, _encode(cxr, "png", tmp_path))
     assert r.status_code == 200 and r.headers["cache-control"] == "no-store"

@@ -33,6 +33,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--segmenter", type=Path, default=None,
                    help="lung U-Net weights (default: the model's own segmenter, else the shipped one)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                   help="file holding the API access token (default: $COVIDCXR_TOKEN; without either the API is "
+                        "open, which is only allowed on a loopback --host); clients send 'Authorization: Bearer "
+                        "<token>'")
+    p.add_argument("--show-real-ids", action="store_true",
+                   help="show the archive's real case and patient ids of similar cases (default: keyed pseudonyms)")
+    p.add_argument("--queue-size", type=int, default=8,
+                   help="analyses waiting beyond the running one before new uploads get 503 (default 8)")
+    p.add_argument("--max-side", type=int, default=4300, metavar="PX",
+                   help="longest side of a decoded upload; larger images are reduced while decoding (default 4300)")
     p.set_defaults(func=_cmd_serve)
 
     p = subparsers.add_parser(
@@ -50,16 +60,29 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_explain)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from covidcxr.service.analysis import ServeSettings
-    from covidcxr.web.app import serve
+def serve_settings(args: argparse.Namespace, environ: Any = None) -> Any:
+    """The :class:`~covidcxr.service.analysis.ServeSettings` of parsed ``serve`` arguments, checked for exposure.
 
-    args.model = model_dir(args.model)
+    Raises:
+        ConfigError: Bad values, an unreadable/empty token file, or a non-loopback host without a token.
+    """
+    from covidcxr.service.analysis import ServeSettings, check_exposure, read_token
+
     settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                              keep_uploads=args.keep_uploads, k=args.k, segmenter_weights=args.segmenter,
-                             device=args.device)
+                             device=args.device, token=read_token(args.token_file, environ),
+                             show_real_ids=args.show_real_ids, queue_size=args.queue_size, max_side=args.max_side)
+    check_exposure(settings, warn=False)  # serve() warns once about an open loopback server
+    return settings
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from covidcxr.web.app import serve
+
+    settings = serve_settings(args)  # refuses a public host without a token before loading the model
+    args.model = model_dir(args.model)
     print(f"covidcxr: serving {args.model} with index {args.index} at http://{_url_host(args.host)}:{args.port}/ "
-          "(Ctrl+C to stop)", flush=True)
+          f"({'API token required' if settings.token else 'API open: no token'}; Ctrl+C to stop)", flush=True)
     serve(args.model, args.index, settings)
     return 0
 

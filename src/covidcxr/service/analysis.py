@@ -10,18 +10,31 @@ can carry a patient name), nothing from the DICOM header except format facts (si
 reaches a response or a log line, and uploads are written to disk only when ``keep_uploads`` is set, under a
 server-generated name. Thumbnails are looked up by ``case_id`` in the index metadata; a client value is never
 joined to a path.
+
+Least exposure: the archive identifiers of similar cases (``case_id``, ``patient_id``) are pseudonymised in every
+response with a keyed hash (HMAC-SHA256 under a per-server secret derived from the access token, else a random key
+drawn at startup; :data:`PSEUDONYM_HEX` hex characters) unless ``show_real_ids`` is set; the thumbnail route maps the
+pseudonymous case id back through a table built at load. Each analysis writes one audit line on the
+``covidcxr.audit`` logger (request id, UTC time, status, probability, duration: no image data, identifiers or file
+names). At most ``inference_threads + queue_size`` analyses are admitted at once (:meth:`CaseService.admit`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import hmac
 import io
+import ipaddress
 import logging
+import os
+import secrets
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,10 +43,17 @@ import numpy as np
 
 from covidcxr import __version__
 from covidcxr.errors import CaseIndexError, ConfigError, ImageReadError, ImageTooLargeError, UnsupportedImageError
-from covidcxr.io.image import sniff_format
+from covidcxr.io.image import MAX_DECODED_SIDE, sniff_format
 from covidcxr.service.images import _fit_size, _resize, png_base64
 
 log = logging.getLogger(__name__)
+audit_log = logging.getLogger("covidcxr.audit")
+"""One line per analysis: request id, UTC time, status, probability, duration (never identifiers or image data)."""
+
+TOKEN_ENV = "COVIDCXR_TOKEN"
+"""Environment variable holding the API access token (``--token-file`` takes precedence)."""
+PSEUDONYM_HEX = 12
+"""Hex characters of a pseudonymous identifier (48 bits of the HMAC-SHA256)."""
 
 UPLOAD_NAME = "upload"
 """Name under which uploads are decoded (and therefore named in error messages)."""
@@ -60,6 +80,11 @@ class ServeSettings:
         inference_threads: Worker threads running analyses. The model itself runs one request at a time (it is
             locked); more threads only overlap decoding and PNG encoding, and each thread costs glibc malloc arena
             memory (about 20 MB per thread measured with a ResNet-18), so 1 is the default.
+        token: API access token (clients send ``Authorization: Bearer <token>``); None serves the API open (only
+            allowed on loopback). Never logged; hidden from ``repr``.
+        show_real_ids: Send the archive's real ``case_id``/``patient_id`` of similar cases instead of pseudonyms.
+        queue_size: Analyses admitted beyond the running ones (``inference_threads``); more are refused with 503.
+        max_side: Longest side of a decoded upload; larger images are reduced while decoding.
     """
 
     host: str = "127.0.0.1"
@@ -72,8 +97,19 @@ class ServeSettings:
     segmenter_weights: Path | None = None
     device: str = "auto"
     inference_threads: int = 1
+    token: str | None = field(default=None, repr=False)
+    show_real_ids: bool = False
+    queue_size: int = 8
+    max_side: int = MAX_DECODED_SIDE
 
     def __post_init__(self) -> None:
+        if self.token is not None and not str(self.token).strip():
+            raise ConfigError("token: empty (set a non-empty secret, or no token for an open loopback server)")
+        if int(self.queue_size) < 0:
+            raise ConfigError(f"queue_size={self.queue_size}: must be at least 0")
+        if isinstance(self.max_side, bool) or int(self.max_side) < 1:
+            raise ConfigError(f"max_side={self.max_side}: must be a positive number of pixels")
+        self.max_side = int(self.max_side)
         if not self.max_upload_mb > 0:
             raise ConfigError(f"max_upload_mb={self.max_upload_mb}: must be positive")
         if int(self.k) < 1:
@@ -87,21 +123,75 @@ class ServeSettings:
         if self.keep_uploads is not None:
             self.keep_uploads = Path(self.keep_uploads)
 
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "token")
+        return f"ServeSettings({shown}, token={'<set>' if self.token else None})"
+
     @property
     def max_upload_bytes(self) -> int:
         """Upload limit in bytes."""
         return int(self.max_upload_mb * 1_000_000)
 
+    @property
+    def max_in_flight(self) -> int:
+        """Analyses admitted at once (running + queued)."""
+        return int(self.inference_threads) + int(self.queue_size)
 
 
+def read_token(token_file: str | Path | None = None, environ: Any = None) -> str | None:
+    """The API access token: the content of ``token_file`` (stripped), else ``$COVIDCXR_TOKEN``, else None.
+
+    Raises:
+        ConfigError: The file is unreadable or empty, or the variable is set but empty.
+    """
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--token-file {token_file}: cannot read it ({type(exc).__name__})") from exc
+        if not token:
+            raise ConfigError(f"--token-file {token_file}: the file is empty")
+        return token
+    env = os.environ if environ is None else environ
+    if TOKEN_ENV in env:
+        token = str(env[TOKEN_ENV]).strip()
+        if not token:
+            raise ConfigError(f"${TOKEN_ENV} is set but empty")
+        return token
+    return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` binds this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
+def check_exposure(settings: ServeSettings, *, warn: bool = True) -> None:
+    """Refuse to serve a non-loopback host without a token; warn (``warn``) when serving loopback without one.
+
+    Raises:
+        ConfigError: ``settings.host`` is reachable from other machines and no token is configured.
+    """
+    if settings.token:
+        return
+    if not is_loopback(settings.host):
+        raise ConfigError(
+            f"refusing to serve on --host {settings.host} without an access token: the API would be open to other "
+            f"machines. Put a secret in a file and pass --token-file PATH, or set ${TOKEN_ENV} (clients then send "
+            "'Authorization: Bearer <token>'), or bind 127.0.0.1")
+    if warn:
+        log.warning("serving on %s without an access token: the API is open to every local user (set --token-file "
+                    "PATH or $%s to require one)", settings.host, TOKEN_ENV)
 
 
-
-
+def utc_now() -> str:
+    """UTC time with milliseconds, ISO 8601."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 class CaseService:
     """Loaded model, segmenter and index, answering analyses for the CLI and the web app.
@@ -142,9 +232,20 @@ class CaseService:
                                            thread_name_prefix="covidcxr-analysis")
         self._thumb_lock = threading.Lock()
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._slots = threading.Semaphore(self.settings.max_in_flight)
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+        token = self.settings.token
+        # Per-server pseudonym key: derived from the token (stable across restarts), else random per start.
+        self._id_key = (hmac.new(token.encode(), b"covidcxr-pseudonym-key", hashlib.sha256).digest()
+                        if token else secrets.token_bytes(32))
         meta = index.metadata_
         self._rows = {str(cid): i for i, cid in enumerate(meta["case_id"].tolist())}
         self._thumb_source = self._thumbnail_sources(meta)
+        self._public_case = {cid: self.public_id("case", cid) for cid in self._rows}
+        self._real_case = {pub: cid for cid, pub in self._public_case.items()}
+        if len(self._real_case) != len(self._public_case):
+            raise CaseIndexError("two case ids of the index share a pseudonym; serve with show_real_ids")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -195,10 +296,61 @@ class CaseService:
             "package_version": __version__,
         }
 
-    def health(self) -> dict[str, Any]:
-        """Liveness facts: model version and index size."""
+    def health(self, full: bool = True) -> dict[str, Any]:
+        """Liveness facts: model version and index size (``full=False``: only ``{"status": "ok"}``)."""
+        if not full:
+            return {"status": "ok"}
         return {"status": "ok", "model": self.model_info["version"], "index_cases": len(self.index),
                 "k": self.settings.k, "max_upload_mb": self.settings.max_upload_mb}
+
+    # ------------------------------------------------------------------ admission
+    def admit(self) -> bool:
+        """Take one of the ``max_in_flight`` analysis slots without waiting; False when all are taken."""
+        if not self._slots.acquire(blocking=False):
+            return False
+        with self._count_lock:
+            self._in_flight += 1
+        return True
+
+    def release(self) -> None:
+        """Give back a slot taken by :meth:`admit`."""
+        with self._count_lock:
+            self._in_flight -= 1
+        self._slots.release()
+
+    def submit_admitted(self, data: bytes) -> Future:
+        """Run :meth:`analyze_bytes` in :attr:`executor` for a caller that holds a slot from :meth:`admit`.
+
+        The slot is given back when the job ends, or when it is cancelled before it started (a client that goes
+        away cannot free a slot while its analysis is still queued or running).
+        """
+        def job() -> dict[str, Any]:
+            try:
+                return self.analyze_bytes(data)
+            finally:
+                self.release()
+
+        future = self.executor.submit(job)
+        future.add_done_callback(lambda f: self.release() if f.cancelled() else None)
+        return future
+
+    @property
+    def in_flight(self) -> int:
+        """Analyses admitted and not finished."""
+        return self._in_flight
+
+    # ------------------------------------------------------------------ identifiers
+    def public_id(self, kind: str, value: Any) -> str:
+        """Pseudonym of an archive identifier (``kind``: ``case`` or ``patient``), or the real one with
+        ``show_real_ids``."""
+        if self.settings.show_real_ids:
+            return str(value)
+        digest = hmac.new(self._id_key, f"{kind}\0{value}".encode(), hashlib.sha256).hexdigest()
+        return digest[:PSEUDONYM_HEX]
+
+    def real_case_id(self, public_case_id: str) -> str | None:
+        """The index's case id behind a case id shown to clients; None when unknown."""
+        return self._real_case.get(public_case_id)
 
     # ------------------------------------------------------------------ analysis
     def analyze_bytes(self, data: bytes) -> dict[str, Any]:
@@ -215,9 +367,21 @@ class CaseService:
             UnsupportedImageError: Not PNG/JPEG/DICOM, or a DICOM object this package refuses.
             ImageReadError: Corrupt or truncated file.
         """
+        request_id = uuid.uuid4().hex[:12]
+        t0 = time.perf_counter()
+        status, prob = "error", None
+        try:
+            result = self._analyze_bytes(data, request_id)
+            status, prob = result["status"], result["probability"]
+            return result
+        finally:
+            audit_log.info("analysis request_id=%s time=%s status=%s probability=%s duration_ms=%.0f", request_id,
+                           utc_now(), status, "none" if prob is None else f"{prob:.3f}",
+                           1000 * (time.perf_counter() - t0))
+
+    def _analyze_bytes(self, data: bytes, request_id: str) -> dict[str, Any]:
         from covidcxr.io.image import load_image_bytes
 
-        request_id = uuid.uuid4().hex[:12]
         limit = self.settings.max_upload_bytes
         if len(data) > limit:
             raise ImageTooLargeError(UPLOAD_NAME, f"{len(data):,} bytes exceeds the upload limit of {limit:,} bytes "
@@ -229,7 +393,7 @@ class CaseService:
             raise UnsupportedImageError(UPLOAD_NAME, "not a PNG, JPEG or DICOM file (recognised by content, not "
                                                      "by name)")
         t0 = time.perf_counter()
-        image, meta = load_image_bytes(data, UPLOAD_NAME)
+        image, meta = load_image_bytes(data, UPLOAD_NAME, max_side=self.settings.max_side)
         if self.settings.keep_uploads is not None:
             self._keep(data, fmt, request_id)
         result = self.analyze_image(image, meta)
@@ -299,13 +463,14 @@ class CaseService:
 
     def _match_json(self, match: Any) -> dict[str, Any]:
         extra = {k: match.metadata.get(k) for k in _PUBLIC_METADATA if match.metadata.get(k) is not None}
+        case_id = self._public_case.get(str(match.case_id)) or self.public_id("case", match.case_id)
         return {
             "rank": int(match.rank),
-            "case_id": match.case_id,
+            "case_id": case_id,
             "score": float(match.score),
             "label": match.label,
-            "patient_id": match.patient_id,
-            "thumbnail_url": f"/api/v1/cases/{quote(match.case_id, safe='')}/thumbnail",
+            "patient_id": self.public_id("patient", match.patient_id),
+            "thumbnail_url": f"/api/v1/cases/{quote(case_id, safe='')}/thumbnail",
             **extra,
         }
 

@@ -7,6 +7,12 @@ Endpoints:
 * ``GET /api/v1/cases/{case_id}/thumbnail``: PNG thumbnail of an indexed case (looked up by id, never a path).
 * ``GET /healthz``; OpenAPI docs at ``/docs`` (Swagger UI served from the package, no CDN: it works offline).
 
+Access: with a token configured (``ServeSettings.token``), every ``/api/`` request needs ``Authorization: Bearer
+<token>`` (:class:`TokenAuth`, checked before the body is read; 401 with ``WWW-Authenticate: Bearer`` otherwise);
+the page, ``/static/``, ``/docs`` and ``/openapi.json`` stay open, and ``/healthz`` answers only ``{"status": "ok"}``
+without the token. At most ``inference_threads + queue_size`` analyses are in flight; more get 503 with
+``Retry-After: 1`` at once.
+
 Every response carries a Content-Security-Policy and ``X-Content-Type-Options: nosniff``; every ``/api/``
 response (results, thumbnails, errors: patient data) ``Cache-Control: no-store``. Errors, FastAPI's own validation
 errors included, have one shape: ``{"detail": "<reason>"}`` (:class:`ErrorBody`). :func:`serve` truncates the
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,7 +54,7 @@ from covidcxr.errors import (
     ImageTooLargeError,
     UnsupportedImageError,
 )
-from covidcxr.service.analysis import CaseService, ServeSettings
+from covidcxr.service.analysis import CaseService, ServeSettings, check_exposure
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,10 @@ _DOCS_HTML = f"""<!DOCTYPE html>
 """
 LOGGED_URL_CHARS = 200
 """Most characters of one client-supplied string (path + query, method) that a log record keeps."""
+API_PREFIX = "/api/"
+UNAUTHORIZED = "missing or invalid access token: send the header 'Authorization: Bearer <token>'"
+BUSY = "server busy: too many analyses in flight; retry in a moment"
+RETRY_AFTER_S = 1
 
 
 class ErrorBody(BaseModel):
@@ -87,8 +98,15 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="Why the request was refused (never contains patient identifiers)")
 
 
-def _error_doc(description: str) -> dict[str, Any]:
-    return {"model": ErrorBody, "description": description}
+def _error_doc(description: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model": ErrorBody, "description": description}
+    if headers:
+        doc["headers"] = {name: {"description": text, "schema": {"type": "string"}} for name, text in headers.items()}
+    return doc
+
+
+_UNAUTHORIZED_DOC = ("Missing or wrong access token (only when the server has one)",
+                     {"WWW-Authenticate": "Bearer"})
 
 
 class SecurityHeaders:
@@ -124,6 +142,45 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def token_matches(authorization: str | None, token: str | None) -> bool:
+    """Whether an ``Authorization`` header value carries ``token`` as a Bearer credential (constant-time compare).
+
+    Always True when no token is configured (open mode).
+    """
+    if not token:
+        return True
+    if not authorization:
+        return False
+    scheme, _, credential = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(credential.strip().encode("latin-1", "replace"), token.encode("utf-8"))
+
+
+class TokenAuth:
+    """Answer 401 (JSON, ``WWW-Authenticate: Bearer``) to ``/api/`` requests without the configured token.
+
+    A plain ASGI middleware outside the routing, so an unauthenticated upload is refused before its body is read.
+
+    Args:
+        app: The ASGI app.
+        token: The access token; None lets every request through.
+    """
+
+    def __init__(self, app: Any, token: str | None) -> None:
+        self.app, self._token = app, token
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._token and scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+            raw = dict(scope.get("headers") or []).get(b"authorization")
+            if not token_matches(raw.decode("latin-1") if raw is not None else None, self._token):
+                response = JSONResponse({"detail": UNAUTHORIZED}, status_code=401,
+                                        headers={"Cache-Control": "no-store", "WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class PNGResponse(Response):
     """A PNG image (so the schema documents ``image/png`` only)."""
 
@@ -147,6 +204,15 @@ class _App(FastAPI):
                         del operation["responses"]["422"]  # a route whose parameters cannot be invalid
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+            service = getattr(self.state, "service", None)
+            if service is not None and service.settings.token:  # the docs' "Authorize" button; API routes only
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "bearerAuth": {"type": "http", "scheme": "bearer",
+                                   "description": "The server's access token (--token-file or $COVIDCXR_TOKEN)"}}
+                for path, operations in schema.get("paths", {}).items():
+                    if path.startswith(API_PREFIX):
+                        for operation in operations.values():
+                            operation["security"] = [{"bearerAuth": []}]
             self.openapi_schema = schema
         return self.openapi_schema
 
@@ -272,9 +338,11 @@ def build_app(service: CaseService) -> FastAPI:
     static = static_dir()
     too_large = f"upload exceeds the limit of {settings.max_upload_mb:g} MB"
     app.add_middleware(ContentLengthLimit, path="/api/v1/analyze", max_body=body_limit, message=too_large)
+    app.add_middleware(TokenAuth, token=settings.token)  # added last: outermost, before the size guard
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"detail": message}, status_code=status, headers={"Cache-Control": "no-store"})
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": message}, status_code=status,
+                            headers={"Cache-Control": "no-store", **(headers or {})})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -303,9 +371,9 @@ def build_app(service: CaseService) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=static), name="static")
 
-    @app.get("/healthz", tags=["service"], summary="Liveness and loaded model/index")
-    def healthz() -> dict[str, Any]:
-        return service.health()
+    @app.get("/healthz", tags=["service"], summary="Liveness; model/index facts only with the access token")
+    def healthz(request: Request) -> dict[str, Any]:
+        return service.health(full=token_matches(request.headers.get("authorization"), settings.token))
 
     @app.post(
         "/api/v1/analyze",
@@ -319,15 +387,25 @@ def build_app(service: CaseService) -> FastAPI:
             422: _error_doc("Corrupt, truncated or empty image, a missing file field, or a body that is not "
                             "multipart/form-data"),
             500: _error_doc("The analysis failed (details in the server log)"),
+            401: _error_doc(*_UNAUTHORIZED_DOC),
+            503: _error_doc("Too many analyses in flight (running + queued); retry after the given seconds",
+                            {"Retry-After": "Seconds to wait before retrying"}),
         },
     )
     async def analyze(file: UploadFile = UPLOAD_FIELD) -> JSONResponse:
         if file.size is not None and file.size > settings.max_upload_bytes:
             return error(413, too_large)
-        data = await file.read()
-        await file.close()
+        if not service.admit():  # bounded queue: refuse at once rather than wait
+            await file.close()
+            return error(503, BUSY, {"Retry-After": str(RETRY_AFTER_S)})
         try:
-            result = await asyncio.get_running_loop().run_in_executor(service.executor, service.analyze_bytes, data)
+            data = await file.read()
+            await file.close()
+        except BaseException:
+            service.release()
+            raise
+        try:  # the job gives its slot back when it ends (or is cancelled unstarted), not when this coroutine does
+            result = await asyncio.wrap_future(service.submit_admitted(data))
         except ImageTooLargeError as exc:
             return error(413, str(exc))
         except UnsupportedImageError as exc:
@@ -350,15 +428,19 @@ def build_app(service: CaseService) -> FastAPI:
             # Spelled out: with a model, FastAPI would document the error under the route's image/png.
             404: {"description": "Unknown case or image unavailable",
                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
+            401: {"description": _UNAUTHORIZED_DOC[0],
+                  "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+                  "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
         },
     )
     async def thumbnail(case_id: str) -> Response:
-        if not service.has_case(case_id):
+        real = service.real_case_id(case_id)  # the id shown to clients (a pseudonym unless show_real_ids)
+        if real is None or not service.has_case(real):
             return error(404, "unknown case id")
         try:
-            png = await run_in_threadpool(service.thumbnail_png, case_id)
-        except CaseIndexError as exc:
-            return error(404, str(exc))
+            png = await run_in_threadpool(service.thumbnail_png, real)
+        except CaseIndexError:
+            return error(404, "case image unavailable on this server")  # the exception names the real id
         return PNGResponse(png, headers={"Cache-Control": "no-store"})
 
     return app
@@ -371,13 +453,15 @@ def serve(model_dir: str | Path, index_dir: str | Path, settings: ServeSettings 
         model_dir: Classifier or ensemble artifact folder.
         index_dir: Case index folder.
         settings: Host, port and service settings.
+
+    Raises:
+        ConfigError: A non-loopback host without a token (see :func:`~covidcxr.service.analysis.check_exposure`).
     """
     import uvicorn
 
     settings = settings or ServeSettings()
+    check_exposure(settings)  # before loading anything: a public host needs a token
+    logging.getLogger("covidcxr.audit").setLevel(logging.INFO)  # audit lines whatever the CLI's verbosity
     app = create_app(model_dir, index_dir, settings)
-    if settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s: the API is reachable from other machines and has no authentication",
-                    settings.host)
     uvicorn.run(app, host=settings.host, port=int(settings.port), log_level="info", server_header=False,
                 log_config=uvicorn_log_config())
