@@ -314,3 +314,28 @@ def test_bad_load_settings_are_refused(kwargs, match) -> None:
 def test_settings_defaults() -> None:
     s = ServeSettings()
     assert (s.token, s.show_real_ids, s.queue_size, s.max_side, s.max_in_flight) == (None, False, 8, 4300, 9)
+
+
+def test_tls_settings_need_both_existing_files(tmp_path) -> None:
+    from covidcxr.errors import ConfigError
+    from covidcxr.service.analysis import ServeSettings
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    with pytest.raises(ConfigError, match="TLS needs both"):
+        ServeSettings(ssl_certfile=cert)
+    with pytest.raises(ConfigError, match="cert.pem: ssl-certfile not found"):
+        ServeSettings(ssl_certfile=cert, ssl_keyfile=key)
+    cert.write_text("x")
+    key.write_text("y")
+    assert ServeSettings(ssl_certfile=cert, ssl_keyfile=key).ssl_keyfile == key
+
+
+def test_cli_explain_says_no_result_on_a_blank_image(tmp_path, capsys) -> None:
+    import numpy as np
+
+    from covidcxr.cli import main
+    from covidcxr.io.files import save_png
+
+    blank = save_png(tmp_path / "blank.png", np.zeros((256, 256), np.float32))
+    assert main(["explain", str(blank), "--out", str(tmp_path / "x"), "--device", "cpu"]) == 1
+    assert "no result: not a usable frontal chest X-ray" in capsys.readouterr().out

@@ -41,6 +41,9 @@ def register(subparsers: Any) -> None:
                    help="show the archive's real case and patient ids of similar cases (default: keyed pseudonyms)")
     p.add_argument("--queue-size", type=int, default=8,
                    help="analyses waiting beyond the running one before new uploads get 503 (default 8)")
+    p.add_argument("--ssl-certfile", type=Path, default=None, metavar="PEM",
+                   help="serve HTTPS with this certificate (with --ssl-keyfile); or put a TLS reverse proxy in front")
+    p.add_argument("--ssl-keyfile", type=Path, default=None, metavar="PEM", help="private key of --ssl-certfile")
     p.add_argument("--max-side", type=int, default=4300, metavar="PX",
                    help="longest side of a decoded upload; larger images are reduced while decoding (default 4300)")
     p.set_defaults(func=_cmd_serve)
@@ -71,7 +74,8 @@ def serve_settings(args: argparse.Namespace, environ: Any = None) -> Any:
     settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                              keep_uploads=args.keep_uploads, k=args.k, segmenter_weights=args.segmenter,
                              device=args.device, token=read_token(args.token_file, environ),
-                             show_real_ids=args.show_real_ids, queue_size=args.queue_size, max_side=args.max_side)
+                             show_real_ids=args.show_real_ids, queue_size=args.queue_size, max_side=args.max_side,
+                             ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     check_exposure(settings, warn=False)  # serve() warns once about an open loopback server
     return settings
 
@@ -81,7 +85,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     settings = serve_settings(args)  # refuses a public host without a token before loading the model
     args.model = model_dir(args.model)
-    print(f"covidcxr: serving {args.model} with index {args.index} at http://{_url_host(args.host)}:{args.port}/ "
+    scheme = "https" if settings.ssl_certfile is not None else "http"
+    print(f"covidcxr: serving {args.model} with index {args.index} at {scheme}://{_url_host(args.host)}:{args.port}/ "
           f"({'API token required' if settings.token else 'API open: no token'}; Ctrl+C to stop)", flush=True)
     serve(args.model, args.index, settings)
     return 0
@@ -101,6 +106,9 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     energy = summary["lung_energy_fraction"]
+    if summary["status"] != "ok":
+        print(f"{args.image}: {summary['no_result_reason']}")
+        return 1
     print(f"{args.image}: COVID probability {summary['probability']:.3f} -> {summary['label']} "
           f"(threshold {summary['threshold']:.3f})")
     print("heat inside lungs: " + ("n/a (empty heat map)" if energy is None else f"{energy:.0%}")

@@ -85,6 +85,8 @@ class ServeSettings:
         show_real_ids: Send the archive's real ``case_id``/``patient_id`` of similar cases instead of pseudonyms.
         queue_size: Analyses admitted beyond the running ones (``inference_threads``); more are refused with 503.
         max_side: Longest side of a decoded upload; larger images are reduced while decoding.
+        ssl_certfile: TLS certificate (PEM) for uvicorn; None serves plain HTTP (put a TLS reverse proxy in front).
+        ssl_keyfile: Its private key (PEM).
     """
 
     host: str = "127.0.0.1"
@@ -101,6 +103,8 @@ class ServeSettings:
     show_real_ids: bool = False
     queue_size: int = 8
     max_side: int = MAX_DECODED_SIDE
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.token is not None and not str(self.token).strip():
@@ -110,6 +114,15 @@ class ServeSettings:
         if isinstance(self.max_side, bool) or int(self.max_side) < 1:
             raise ConfigError(f"max_side={self.max_side}: must be a positive number of pixels")
         self.max_side = int(self.max_side)
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
+        for name in ("ssl_certfile", "ssl_keyfile"):
+            value = getattr(self, name)
+            if value is not None:
+                value = Path(value)
+                if not value.is_file():
+                    raise ConfigError(f"{value}: {name.replace('_', '-')} not found")
+                setattr(self, name, value)
         if not self.max_upload_mb > 0:
             raise ConfigError(f"max_upload_mb={self.max_upload_mb}: must be positive")
         if int(self.k) < 1:

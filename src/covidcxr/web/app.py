@@ -463,5 +463,7 @@ def serve(model_dir: str | Path, index_dir: str | Path, settings: ServeSettings 
     check_exposure(settings)  # before loading anything: a public host needs a token
     logging.getLogger("covidcxr.audit").setLevel(logging.INFO)  # audit lines whatever the CLI's verbosity
     app = create_app(model_dir, index_dir, settings)
+    tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)} \
+        if settings.ssl_certfile is not None else {}
     uvicorn.run(app, host=settings.host, port=int(settings.port), log_level="info", server_header=False,
-                log_config=uvicorn_log_config())
+                log_config=uvicorn_log_config(), **tls)
