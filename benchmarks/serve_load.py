@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shipped", action="store_true",
                    help="serve the shipped classifier with an index it builds of --cases images (the first rows of "
                         "--index-manifest, else a synthetic cohort); upload a CC BY sample CXR unless --image")
+    p.add_argument("--synthetic-upload", action="store_true",
+                   help="with --shipped: upload the synthetic --image-size CXR instead of a CC BY sample")
     p.add_argument("--index-manifest", type=Path, default=None, help="manifest whose first --cases rows are indexed")
     p.add_argument("--image", type=Path, default=None, help="file to upload (default: synthetic PNG)")
     p.add_argument("--image-size", type=int, default=1024, help="side of the synthetic upload (default 1024)")
@@ -142,7 +144,7 @@ def build_shipped(root: Path, args: argparse.Namespace) -> tuple[Path, Path, dic
 def make_upload(root: Path, args: argparse.Namespace) -> tuple[bytes, str]:
     if args.image is not None:
         return args.image.read_bytes(), args.image.name
-    if args.shipped:
+    if args.shipped and not args.synthetic_upload:
         from covidcxr.demo import SAMPLES, SAMPLES_DIR
 
         name = min(SAMPLES)
