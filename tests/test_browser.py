@@ -11,7 +11,10 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,6 +41,24 @@ pytestmark = [
 ]
 
 torch.set_num_threads(2)
+
+
+@contextmanager
+def _page(width: int, height: int, *, console: bool = False) -> Iterator[tuple[Any, list[str]]]:
+    """A headless Chromium page and the page errors it raised (console errors too with ``console``)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            if console:
+                page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            yield page, errors
+        finally:
+            browser.close()
 
 
 def _free_port() -> int:
@@ -85,108 +106,96 @@ def _serve(toy, settings: ServeSettings):
 
 
 def test_upload_renders_probability_overlays_and_similar_cases(server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     image, _, _ = draw_cxr(np.random.default_rng(11), "covid", size=192)
     upload = save_png(tmp_path / "synthetic_cxr.png", image)
     shot = tmp_path / "page.png"
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.goto(server + "/")
-            expect(page.locator("#drop-zone")).to_be_visible()
-            expect(page.locator("#model-version")).to_contain_text("archived cases")
+    with _page(1280, 1000, console=True) as (page, errors):
+        page.goto(server + "/")
+        expect(page.locator("#drop-zone")).to_be_visible()
+        expect(page.locator("#model-version")).to_contain_text("archived cases")
 
-            # 1. the file button
-            page.set_input_files("#file-input", str(upload))
-            expect(page.locator("#findings")).to_be_visible(timeout=60_000)
-            expect(page.locator("#probability")).to_have_text(PROB_TEXT)
-            assert not BAD_PROB.search(page.locator("#probability").inner_text())
-            expect(page.locator("#threshold-text")).to_have_text("threshold 50%")
-            expect(page.locator(".case-tile")).to_have_count(K)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.case-tile img')].every(i => i.complete && i.naturalWidth > 0)",
-                timeout=30_000,
-            )
-            assert page.locator("#layer-image").evaluate("img => img.naturalWidth") == 192
-            expect(page.locator("#layer-outline")).to_be_visible()
-            expect(page.locator("#layer-heat")).to_be_hidden()
-            expect(page.locator("#heat-legend")).to_be_hidden()
-            page.check("#toggle-heat")
-            page.uncheck("#toggle-outline")
-            expect(page.locator("#layer-heat")).to_be_visible()
-            expect(page.locator("#heat-legend")).to_be_visible()
-            expect(page.locator("#heat-legend")).to_contain_text("weak")
-            expect(page.locator("#heat-legend")).to_contain_text("strong")
-            expect(page.locator("#layer-outline")).to_be_hidden()
-            page.check("#toggle-outline")
-            # QC: never "passed" next to a warning; one summary line when something is wrong.
-            qc_ok = page.locator("#qc-ok").is_visible()
-            qc_box = page.locator("#qc-box").is_visible()
-            assert qc_ok != qc_box
-            if "outside the lungs" in page.locator("#lung-energy").inner_text():
-                assert not qc_ok and "outside the lungs" in page.locator("#qc-list").inner_text()
-            # model identity, not only a hash
-            expect(page.locator("#model-facts")).to_contain_text("Version")
-            expect(page.locator("#model-facts")).to_contain_text("MODEL_CARD.md")
-            # similarity explained, rank shown
-            expect(page.locator("#cases-help")).to_contain_text("1.00 = identical image")
-            expect(page.locator("#cases-help")).to_contain_text("not by diagnosis")
-            expect(page.locator(".case-tile .case-rank").first).to_have_text("most similar")
-            labels = page.locator(".case-tile .label-chip").all_inner_texts()
-            assert set(labels) <= {"COVID-19", "non-COVID"} and len(labels) == K
-            assert all(re.fullmatch(r"similarity -?\d\.\d{3}", s)
-                       for s in page.locator(".case-tile .similarity").all_inner_texts())
-            page.screenshot(path=str(shot), full_page=True)
+        # 1. the file button
+        page.set_input_files("#file-input", str(upload))
+        expect(page.locator("#findings")).to_be_visible(timeout=60_000)
+        expect(page.locator("#probability")).to_have_text(PROB_TEXT)
+        assert not BAD_PROB.search(page.locator("#probability").inner_text())
+        expect(page.locator("#threshold-text")).to_have_text("threshold 50%")
+        expect(page.locator(".case-tile")).to_have_count(K)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.case-tile img')].every(i => i.complete && i.naturalWidth > 0)",
+            timeout=30_000,
+        )
+        assert page.locator("#layer-image").evaluate("img => img.naturalWidth") == 192
+        expect(page.locator("#layer-outline")).to_be_visible()
+        expect(page.locator("#layer-heat")).to_be_hidden()
+        expect(page.locator("#heat-legend")).to_be_hidden()
+        page.check("#toggle-heat")
+        page.uncheck("#toggle-outline")
+        expect(page.locator("#layer-heat")).to_be_visible()
+        expect(page.locator("#heat-legend")).to_be_visible()
+        expect(page.locator("#heat-legend")).to_contain_text("weak")
+        expect(page.locator("#heat-legend")).to_contain_text("strong")
+        expect(page.locator("#layer-outline")).to_be_hidden()
+        page.check("#toggle-outline")
+        # QC: never "passed" next to a warning; one summary line when something is wrong.
+        qc_ok = page.locator("#qc-ok").is_visible()
+        qc_box = page.locator("#qc-box").is_visible()
+        assert qc_ok != qc_box
+        if "outside the lungs" in page.locator("#lung-energy").inner_text():
+            assert not qc_ok and "outside the lungs" in page.locator("#qc-list").inner_text()
+        # model identity, not only a hash
+        expect(page.locator("#model-facts")).to_contain_text("Version")
+        expect(page.locator("#model-facts")).to_contain_text("MODEL_CARD.md")
+        # similarity explained, rank shown
+        expect(page.locator("#cases-help")).to_contain_text("1.00 = identical image")
+        expect(page.locator("#cases-help")).to_contain_text("not by diagnosis")
+        expect(page.locator(".case-tile .case-rank").first).to_have_text("most similar")
+        labels = page.locator(".case-tile .label-chip").all_inner_texts()
+        assert set(labels) <= {"COVID-19", "non-COVID"} and len(labels) == K
+        assert all(re.fullmatch(r"similarity -?\d\.\d{3}", s)
+                   for s in page.locator(".case-tile .similarity").all_inner_texts())
+        page.screenshot(path=str(shot), full_page=True)
 
-            # 2. drag and drop of the same file onto the drop zone
-            page.click("#new-button")
-            expect(page.locator("#drop-zone")).to_be_visible()
-            data = list(upload.read_bytes())
-            transfer = page.evaluate_handle(
-                "bytes => { const dt = new DataTransfer();"
-                " dt.items.add(new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'})); return dt; }",
-                data,
-            )
-            page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
-            expect(page.locator("#findings")).to_be_visible(timeout=60_000)
-            expect(page.locator(".case-tile")).to_have_count(K)
-            expect(page.locator("#error")).to_be_hidden()
-            assert not errors, errors
-        finally:
-            browser.close()
+        # 2. drag and drop of the same file onto the drop zone
+        page.click("#new-button")
+        expect(page.locator("#drop-zone")).to_be_visible()
+        data = list(upload.read_bytes())
+        transfer = page.evaluate_handle(
+            "bytes => { const dt = new DataTransfer();"
+            " dt.items.add(new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'})); return dt; }",
+            data,
+        )
+        page.dispatch_event("#drop-zone", "drop", {"dataTransfer": transfer})
+        expect(page.locator("#findings")).to_be_visible(timeout=60_000)
+        expect(page.locator(".case-tile")).to_have_count(K)
+        expect(page.locator("#error")).to_be_hidden()
+        assert not errors, errors
     assert shot.stat().st_size > 10_000
 
 
 def test_blank_image_shows_no_result_and_no_verdict(server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     upload = save_png(tmp_path / "blank.png", np.zeros((160, 160), np.float32))
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(server + "/")
-            page.set_input_files("#file-input", str(upload))
-            expect(page.locator("#findings")).to_be_visible(timeout=60_000)
-            expect(page.locator("#probability")).to_have_text("No result")
-            expect(page.locator("#label")).to_contain_text("not a usable frontal chest X-ray")
-            assert "chip-pos" not in (page.locator("#label").get_attribute("class") or "")  # no red verdict
-            expect(page.locator("#qc-ok")).to_be_hidden()
-            expect(page.locator("#qc-box")).to_be_visible()
-            expect(page.locator("#qc-summary")).to_contain_text("No result")
-            expect(page.locator(".case-tile")).to_have_count(0)
-            assert "%" not in page.locator("#probability").inner_text()
-            assert page.locator("#prob-fill").evaluate("e => e.getBoundingClientRect().width") == 0
-            expect(page.locator("#toggle-heat")).to_be_disabled()
-            expect(page.locator("#heat-legend")).to_be_hidden()
-        finally:
-            browser.close()
+    with _page(1280, 1000) as (page, errors):
+        page.goto(server + "/")
+        page.set_input_files("#file-input", str(upload))
+        expect(page.locator("#findings")).to_be_visible(timeout=60_000)
+        expect(page.locator("#probability")).to_have_text("No result")
+        expect(page.locator("#label")).to_contain_text("not a usable frontal chest X-ray")
+        assert "chip-pos" not in (page.locator("#label").get_attribute("class") or "")  # no red verdict
+        expect(page.locator("#qc-ok")).to_be_hidden()
+        expect(page.locator("#qc-box")).to_be_visible()
+        expect(page.locator("#qc-summary")).to_contain_text("No result")
+        expect(page.locator(".case-tile")).to_have_count(0)
+        assert "%" not in page.locator("#probability").inner_text()
+        assert page.locator("#prob-fill").evaluate("e => e.getBoundingClientRect().width") == 0
+        expect(page.locator("#toggle-heat")).to_be_disabled()
+        expect(page.locator("#heat-legend")).to_be_hidden()
+        assert not errors, errors
 
 
 def _tab_cycle(page, limit: int = 40) -> list[str]:
@@ -209,105 +218,91 @@ def _tab_cycle(page, limit: int = 40) -> list[str]:
 
 
 def test_phone_layout_thumbnails_grid_and_tab_order(server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     image, _, _ = draw_cxr(np.random.default_rng(5), "non_covid", size=192)
     upload = save_png(tmp_path / "cxr.png", image)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 375, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(server + "/")
-            # before an upload: one tab stop for choosing a file (not the drop zone and its button both)
-            assert _tab_cycle(page) == ["choose-button"]
-            page.set_input_files("#file-input", str(upload))
-            expect(page.locator("#findings")).to_be_visible(timeout=60_000)
-            expect(page.locator(".case-tile")).to_have_count(K)
-            text = page.locator("#probability").inner_text()
-            assert PROB_TEXT.fullmatch(text) and not BAD_PROB.search(text), text
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.case-tile img')].every(i => i.complete && i.naturalWidth > 0)",
-                timeout=30_000,
-            )
-            # thumbnails come as blob: URLs (fetched with the token header when there is one)
-            assert all(src.startswith("blob:") for src in
-                       page.locator(".case-tile img").evaluate_all("imgs => imgs.map(i => i.src)"))
-            boxes = page.locator(".case-tile img").evaluate_all(
-                "imgs => imgs.map(i => { const r = i.getBoundingClientRect();"
-                " return [r.width, r.height, i.naturalWidth, i.naturalHeight]; })")
-            for w, h, nw, nh in boxes:
-                assert w > 0 and h > 0
-                assert abs((w / h) / (nw / nh) - 1) < 0.02, (w, h, nw, nh)
-            tops = page.locator(".case-tile").evaluate_all("ts => ts.map(t => Math.round(t.getBoundingClientRect().top))")
-            rows: dict[int, int] = {}
-            for top in tops:
-                rows[top] = rows.get(top, 0) + 1
-            counts = [rows[t] for t in sorted(rows)]
-            assert len(counts) == 1 or len(set(counts)) == 1, f"orphan row: tiles per row {counts}"
-            # nothing wider than the phone
-            assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
-            # tab order: each control once, no positive tabindex, no focusable inside another focusable
-            cycle = _tab_cycle(page)
-            assert len(cycle) == len(set(cycle))
-            for ident in CONTROLS:
-                assert cycle.count(ident) == 1, cycle
-            assert page.evaluate("() => [...document.querySelectorAll('[tabindex]')].filter(e => e.tabIndex > 0).length") == 0
-            nested = page.evaluate(
-                "() => { const sel = 'a[href],button,input,select,textarea,[tabindex]:not([tabindex=\"-1\"])';"
-                " return [...document.querySelectorAll(sel)].filter(e => e.parentElement && e.parentElement.closest(sel))"
-                ".map(e => e.id || e.tagName); }")
-            assert not nested, nested
-            assert not errors, errors
-        finally:
-            browser.close()
+    with _page(375, 800) as (page, errors):
+        page.goto(server + "/")
+        # before an upload: one tab stop for choosing a file (not the drop zone and its button both)
+        assert _tab_cycle(page) == ["choose-button"]
+        page.set_input_files("#file-input", str(upload))
+        expect(page.locator("#findings")).to_be_visible(timeout=60_000)
+        expect(page.locator(".case-tile")).to_have_count(K)
+        text = page.locator("#probability").inner_text()
+        assert PROB_TEXT.fullmatch(text) and not BAD_PROB.search(text), text
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.case-tile img')].every(i => i.complete && i.naturalWidth > 0)",
+            timeout=30_000,
+        )
+        # thumbnails come as blob: URLs (fetched with the token header when there is one)
+        assert all(src.startswith("blob:") for src in
+                   page.locator(".case-tile img").evaluate_all("imgs => imgs.map(i => i.src)"))
+        boxes = page.locator(".case-tile img").evaluate_all(
+            "imgs => imgs.map(i => { const r = i.getBoundingClientRect();"
+            " return [r.width, r.height, i.naturalWidth, i.naturalHeight]; })")
+        for w, h, nw, nh in boxes:
+            assert w > 0 and h > 0
+            assert abs((w / h) / (nw / nh) - 1) < 0.02, (w, h, nw, nh)
+        tops = page.locator(".case-tile").evaluate_all("ts => ts.map(t => Math.round(t.getBoundingClientRect().top))")
+        rows: dict[int, int] = {}
+        for top in tops:
+            rows[top] = rows.get(top, 0) + 1
+        counts = [rows[t] for t in sorted(rows)]
+        assert len(counts) == 1 or len(set(counts)) == 1, f"orphan row: tiles per row {counts}"
+        # nothing wider than the phone
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+        # tab order: each control once, no positive tabindex, no focusable inside another focusable
+        cycle = _tab_cycle(page)
+        assert len(cycle) == len(set(cycle))
+        for ident in CONTROLS:
+            assert cycle.count(ident) == 1, cycle
+        assert page.evaluate("() => [...document.querySelectorAll('[tabindex]')].filter(e => e.tabIndex > 0).length") == 0
+        nested = page.evaluate(
+            "() => { const sel = 'a[href],button,input,select,textarea,[tabindex]:not([tabindex=\"-1\"])';"
+            " return [...document.querySelectorAll(sel)].filter(e => e.parentElement && e.parentElement.closest(sel))"
+            ".map(e => e.id || e.tagName); }")
+        assert not nested, nested
+        assert not errors, errors
 
 
 def test_token_form_refuses_a_wrong_token_and_accepts_the_right_one(token_server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     image, _, _ = draw_cxr(np.random.default_rng(3), "covid", size=160)
     upload = save_png(tmp_path / "cxr.png", image)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            dialogs: list[str] = []
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            auth_headers: list[str] = []
-            page.on("request", lambda r: auth_headers.append(r.headers.get("authorization") or "")
-                    if "/api/" in r.url else None)
-            page.goto(token_server + "/")
-            expect(page.locator("#drop-zone")).to_be_visible()
-            expect(page.locator("#token-form")).to_be_hidden()  # /healthz without a token: {"status": "ok"} only
-            page.set_input_files("#file-input", str(upload))
-            expect(page.locator("#token-form")).to_be_visible(timeout=30_000)
-            expect(page.locator("#token-message")).to_contain_text("needs an access token")
-            page.fill("#token-input", "wrong-token")
-            page.click("#token-submit")
-            expect(page.locator("#token-message")).to_contain_text("refused", timeout=30_000)
-            expect(page.locator("#token-form")).to_be_visible()
-            expect(page.locator("#findings")).to_be_hidden()
-            page.fill("#token-input", TOKEN)
-            page.press("#token-input", "Enter")
-            expect(page.locator("#findings")).to_be_visible(timeout=60_000)
-            expect(page.locator("#token-form")).to_be_hidden()
-            expect(page.locator(".case-tile")).to_have_count(K)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.case-tile img')].every(i => i.complete && i.naturalWidth > 0)",
-                timeout=30_000,
-            )
-            expect(page.locator("#model-version")).to_contain_text("archived cases")
-            assert page.evaluate("() => sessionStorage.getItem('covidcxr.token')") == TOKEN
-            assert auth_headers.count("Bearer " + TOKEN) >= 1 + K  # the analysis and every thumbnail
-            # a second upload uses the kept token: no form
-            page.click("#new-button")
-            page.set_input_files("#file-input", str(upload))
-            expect(page.locator("#findings")).to_be_visible(timeout=60_000)
-            expect(page.locator("#token-form")).to_be_hidden()
-            assert not dialogs and not errors, (dialogs, errors)
-        finally:
-            browser.close()
+    with _page(1280, 1000) as (page, errors):
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        auth_headers: list[str] = []
+        page.on("request", lambda r: auth_headers.append(r.headers.get("authorization") or "")
+                if "/api/" in r.url else None)
+        page.goto(token_server + "/")
+        expect(page.locator("#drop-zone")).to_be_visible()
+        expect(page.locator("#token-form")).to_be_hidden()  # /healthz without a token: {"status": "ok"} only
+        page.set_input_files("#file-input", str(upload))
+        expect(page.locator("#token-form")).to_be_visible(timeout=30_000)
+        expect(page.locator("#token-message")).to_contain_text("needs an access token")
+        page.fill("#token-input", "wrong-token")
+        page.click("#token-submit")
+        expect(page.locator("#token-message")).to_contain_text("refused", timeout=30_000)
+        expect(page.locator("#token-form")).to_be_visible()
+        expect(page.locator("#findings")).to_be_hidden()
+        page.fill("#token-input", TOKEN)
+        page.press("#token-input", "Enter")
+        expect(page.locator("#findings")).to_be_visible(timeout=60_000)
+        expect(page.locator("#token-form")).to_be_hidden()
+        expect(page.locator(".case-tile")).to_have_count(K)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.case-tile img')].every(i => i.complete && i.naturalWidth > 0)",
+            timeout=30_000,
+        )
+        expect(page.locator("#model-version")).to_contain_text("archived cases")
+        assert page.evaluate("() => sessionStorage.getItem('covidcxr.token')") == TOKEN
+        assert auth_headers.count("Bearer " + TOKEN) >= 1 + K  # the analysis and every thumbnail
+        # a second upload uses the kept token: no form
+        page.click("#new-button")
+        page.set_input_files("#file-input", str(upload))
+        expect(page.locator("#findings")).to_be_visible(timeout=60_000)
+        expect(page.locator("#token-form")).to_be_hidden()
+        assert not dialogs and not errors, (dialogs, errors)
