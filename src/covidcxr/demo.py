@@ -180,8 +180,8 @@ def _stage_real(summary: dict, report: Reporter) -> None:
     """The shipped classifier on the real CXRs whose licences allow shipping them (CC BY, see ATTRIBUTION.md)."""
     import pandas as pd
 
-    from covidcxr.classification.artifact import load_artifact, shipped_model_dir
-    from covidcxr.io.image import load_image
+    from covidcxr.classification.artifact import shipped_model_dir
+    from covidcxr.service import jobs
 
     t = time.perf_counter()
     files = [SAMPLES_DIR / name for name in SAMPLES if (SAMPLES_DIR / name).is_file()]
@@ -194,17 +194,17 @@ def _stage_real(summary: dict, report: Reporter) -> None:
         report("Shipped classifier on real chest X-rays",
                f"no sample images found in {SAMPLES_DIR}; run it on your own: covidcxr predict IMAGE.png ...")
         return
-    art = load_artifact(model, "cpu")
-    pred = art.predict([load_image(f)[0] for f in files])
+    result = jobs.predict_files(files, model, device="cpu")  # the same call as `covidcxr predict`, gate included
+    rows = result.table
     table = pd.DataFrame({
         "image": [f.name for f in files],
         "collection label": [SAMPLES[f.name][0] for f in files],
-        "P(covid)": [f"{p:.3f}" for p in pred.prob],
-        f"label (t={art.threshold:.2f})": pred.label,
-        "QC": [";".join(q) or "-" for q in pred.qc_flags],
+        "P(covid)": [f"{p:.3f}" if s == "ok" else "no result" for p, s in zip(rows["prob_covid"], rows["status"])],
+        f"label (t={result.threshold:.2f})": [lab or "-" for lab in rows["label"]],
+        "QC": [q or "-" for q in rows["qc_flags"]],
         "licence": [SAMPLES[f.name][1] for f in files],
     })
-    summary["stages"]["real"] = {"model": str(model), "weights_sha256": art.weights_hash,
+    summary["stages"]["real"] = {"model": str(model), "weights_sha256": result.model_hash,
                                  "predictions": table.to_dict(orient="records"),
                                  "seconds": round(time.perf_counter() - t, 1)}
     report("Shipped classifier on real chest X-rays (CC BY samples; they were in its training data, so this shows "
