@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from covidcxr.service.analysis import ServeSettings
+from covidcxr.service.settings import ServeSettings
 from covidcxr.web.app import create_app
 from covidcxr.web.toy import make_toy_assets
 

@@ -18,7 +18,7 @@ from covidcxr.cli import build_parser
 from covidcxr.cli.serve_cmd import serve_settings
 from covidcxr.data.synth import draw_cxr
 from covidcxr.errors import ConfigError
-from covidcxr.service.analysis import TOKEN_ENV, ServeSettings, check_exposure, is_loopback, read_token
+from covidcxr.service.settings import TOKEN_ENV, ServeSettings, check_exposure, is_loopback, read_token
 from covidcxr.web.app import create_app, serve, token_matches
 from covidcxr.web.toy import ToyAssets, make_toy_assets
 
@@ -318,7 +318,7 @@ def test_settings_defaults() -> None:
 
 def test_tls_settings_need_both_existing_files(tmp_path) -> None:
     from covidcxr.errors import ConfigError
-    from covidcxr.service.analysis import ServeSettings
+    from covidcxr.service.settings import ServeSettings
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     with pytest.raises(ConfigError, match="TLS needs both"):

@@ -22,7 +22,7 @@ import torch
 
 from covidcxr.data.synth import draw_cxr
 from covidcxr.io.files import save_png
-from covidcxr.service.analysis import ServeSettings
+from covidcxr.service.settings import ServeSettings
 from covidcxr.web.app import create_app
 from covidcxr.web.toy import make_toy_assets
 

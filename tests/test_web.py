@@ -25,7 +25,7 @@ from covidcxr.data.synth import draw_cxr
 from covidcxr.demo import serve_command
 from covidcxr.io.dicom import write_dicom
 from covidcxr.io.image import sniff_format
-from covidcxr.service.analysis import ServeSettings
+from covidcxr.service.settings import ServeSettings
 from covidcxr.web.app import LOGGED_URL_CHARS, MULTIPART_SLACK, TruncateLoggedUrls, create_app, uvicorn_log_config
 from covidcxr.web.toy import ToyAssets, make_toy_assets
 

@@ -69,7 +69,7 @@ def serve_settings(args: argparse.Namespace, environ: Any = None) -> Any:
     Raises:
         ConfigError: Bad values, an unreadable/empty token file, or a non-loopback host without a token.
     """
-    from covidcxr.service.analysis import ServeSettings, check_exposure, read_token
+    from covidcxr.service.settings import ServeSettings, check_exposure, read_token
 
     settings = ServeSettings(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                              keep_uploads=args.keep_uploads, k=args.k, segmenter_weights=args.segmenter,

@@ -54,7 +54,8 @@ from covidcxr.errors import (
     ImageTooLargeError,
     UnsupportedImageError,
 )
-from covidcxr.service.analysis import CaseService, ServeSettings, check_exposure
+from covidcxr.service.case_service import CaseService
+from covidcxr.service.settings import ServeSettings, check_exposure
 
 log = logging.getLogger(__name__)
 
