@@ -94,3 +94,12 @@ def test_cli_predict_exit_code_only_fails_when_every_input_fails(kind: str, tmp_
 
     table = pd.read_csv(tmp_path / "q.csv")
     assert table["status"].tolist() == ["no_result", "ok"]
+
+
+def test_self_distances_leave_each_embedding_out() -> None:
+    rng = np.random.default_rng(2)
+    ref = OODReference(_unit(rng.normal(size=(30, 8))), 0.5, k=3)
+    loo = ref.self_distances()
+    assert (loo > ref.distances(ref.embeddings)).all()  # an embedding is not its own neighbour
+    sim = ref.embeddings[1:] @ ref.embeddings[0]
+    assert np.isclose(loo[0], 1.0 - np.sort(sim)[-3:].mean())

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -135,7 +136,7 @@ def load_masks_for_rows(
 
 
 def decode_images(paths: Sequence[str], num_workers: int) -> list[np.ndarray]:
-    """Read images with :func:`covidcxr.io.load_image`, in a thread pool when ``num_workers > 1``.
+    """Read images with :func:`covidcxr.io.image.load_image`, in a thread pool when ``num_workers > 1``.
 
     Args:
         paths: Image files.
@@ -149,10 +150,14 @@ def decode_images(paths: Sequence[str], num_workers: int) -> list[np.ndarray]:
     """
     from covidcxr.io.image import load_image
 
+    return [im for im, _ in _map_threads(load_image, paths, num_workers)]
+
+
+def _map_threads(fn: Callable[[str], Any], paths: Sequence[str], num_workers: int) -> list[Any]:
     if num_workers <= 1 or len(paths) <= 1:
-        return [load_image(p)[0] for p in paths]
+        return [fn(p) for p in paths]
     with ThreadPoolExecutor(num_workers) as pool:
-        return [im for im, _ in pool.map(load_image, paths)]
+        return list(pool.map(fn, paths))
 
 
 def _decode_rows(paths: Sequence[str], num_workers: int, skip_bad: bool, offset: int
@@ -165,11 +170,7 @@ def _decode_rows(paths: Sequence[str], num_workers: int, skip_bad: bool, offset:
         except ImageError as exc:
             return exc
 
-    if num_workers > 1 and len(paths) > 1:
-        with ThreadPoolExecutor(num_workers) as pool:
-            loaded = list(pool.map(one, paths))
-    else:
-        loaded = [one(p) for p in paths]
+    loaded = _map_threads(one, paths, num_workers)
     images, ok, problems = [], [], []
     for i, item in enumerate(loaded):
         if isinstance(item, ImageError):

@@ -90,6 +90,14 @@ class OODReference:
         top = -np.partition(-sim, self.k - 1, axis=1)[:, : self.k]
         return (1.0 - top.mean(axis=1)).astype(np.float64)
 
+    def self_distances(self) -> np.ndarray:
+        """Each reference embedding's distance to its ``k`` nearest *other* reference embeddings (leave-one-out),
+        i.e. how an in-distribution training image scores when it is not its own neighbour."""
+        sim = self.embeddings @ self.embeddings.T
+        np.fill_diagonal(sim, -np.inf)
+        top = -np.partition(-sim, self.k - 1, axis=1)[:, : self.k]
+        return (1.0 - top.mean(axis=1)).astype(np.float64)
+
     def save(self, directory: str | Path) -> dict[str, Any]:
         """Write ``ood_reference.npz`` into ``directory``; returns the ``config["ood"]`` entry."""
         path = Path(directory) / REFERENCE_FILE

@@ -104,8 +104,7 @@ def analyze_one(
         raise ConfigError(f"mask is {np.shape(mask)[1]}x{np.shape(mask)[0]} but the image is "
                           f"{image.shape[1]}x{image.shape[0]}")
     t = time.perf_counter()
-    model_masks = masks_for_model(artifact, segmenter_key, mask)
-    pred = artifact.analyze(image, model_masks[0] if model_masks else None, explain=True)
+    pred = artifact.analyze(image, masks_for_model(artifact, segmenter_key, mask), explain=True)
     timing["classify_explain"] = _ms(t)
     heat = pred.heatmaps[0]
     energy = lung_energy_fraction(heat, mask)
@@ -132,8 +131,8 @@ def _image_facts(image: np.ndarray, meta: Any) -> dict[str, Any]:
     return facts
 
 
-def masks_for_model(artifact: Any, segmenter_key: str | None, mask: np.ndarray) -> list[np.ndarray] | None:
-    """The ``masks`` argument for ``artifact.predict``: our mask only when it comes from the model's own segmenter.
+def masks_for_model(artifact: Any, segmenter_key: str | None, mask: np.ndarray) -> np.ndarray | None:
+    """The mask to hand to the model: ours only when it comes from the model's own segmenter.
 
     The model then sees exactly the preprocessing it was trained with; with any other segmenter (or none used by
     the model) the artifact segments with its own weights.
@@ -144,10 +143,10 @@ def masks_for_model(artifact: Any, segmenter_key: str | None, mask: np.ndarray) 
         mask: Lung mask of the image.
 
     Returns:
-        ``[mask]`` or None.
+        ``mask`` or None.
     """
     keys = artifact.segmenter_keys
-    return [mask] if keys and keys == {segmenter_key} else None
+    return mask if keys and keys == {segmenter_key} else None
 
 
 def pick_segmenter(artifact: Any, weights: str | Path | None) -> tuple[Any, str | None]:
