@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean-venv browser
+.PHONY: demo test install lint clean-venv browser orthanc
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/covidcxr demo --out demo_output
 
-test: $(STAMP) browser
+test: $(STAMP) browser orthanc
 	$(PY) -m pytest -q
 
 # The end-to-end page test drives Debian's Chromium (Playwright's own browser download cannot work offline).
@@ -31,6 +31,18 @@ browser:
 	      chromium chromium-driver; \
 	  else \
 	    echo "note: /usr/bin/chromium is missing and apt-get needs root; the browser test will be skipped"; \
+	  fi; \
+	fi
+
+# The PACS tests run `covidcxr pacs` against a real Orthanc with its DICOMweb plugin (Debian packages).
+orthanc:
+	@if ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ] || \
+	    ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      orthanc orthanc-dicomweb; \
+	  else \
+	    echo "note: Orthanc or its DICOMweb plugin is missing and apt-get needs root; the PACS tests will be skipped"; \
 	  fi; \
 	fi
 

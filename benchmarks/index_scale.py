@@ -19,6 +19,8 @@ Usage::
 
     python benchmarks/index_scale.py                       # 10k, 100k, 1M cases at 256-d (about 15 min, 2 cores)
     python benchmarks/index_scale.py --sizes 10000 --dim 2048 --out /tmp/idx_small
+    python benchmarks/index_scale.py --sizes 1000000 --kinds exact ivf ivfpq --archive-sizes 10000000
+                                       # + a streamed 10 M-case ivfpq archive (benchmarks/_archive.py)
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from typing import Any
 import faiss
 import numpy as np
 import sklearn
-from _machine import cpu_model  # benchmarks/_machine.py (the script's folder is on sys.path)
+from _archive import extrapolate, run_archive, write_archive_markdown  # benchmarks/_archive.py
+from _machine import cpu_flags, cpu_model  # benchmarks/_machine.py (the script's folder is on sys.path)
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 
@@ -50,7 +53,8 @@ K = 10
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+                   help="in-memory sizes (with --archive-sizes their rows go into the archive report)")
     p.add_argument("--dim", type=int, default=256, help="vector dimension (the index's PCA dimension at scale)")
     p.add_argument("--clusters", type=int, default=1000, help="gaussian mixture components")
     p.add_argument("--spread", type=float, default=1.0, help="within-cluster / between-cluster scale")
@@ -72,6 +76,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "index_scale",
                    help="output path without suffix; writes .json and .md")
+    p.add_argument("--archive-sizes", type=int, nargs="*", default=[],
+                   help="also build streamed ivfpq archives of these sizes (vectors never all in RAM)")
+    p.add_argument("--archive-queries", type=int, default=500)
+    p.add_argument("--archive-cold-queries", type=int, default=100, help="queries with the files evicted")
+    p.add_argument("--archive-sample", type=int, default=200_000, help="quantiser training sample")
+    p.add_argument("--archive-nlist", type=int, default=None, help="default: CaseIndex's 2 * sqrt(n)")
+    p.add_argument("--archive-nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--archive-target-recall", type=float, default=0.90)
+    p.add_argument("--archive-dir", type=Path, default=Path("/var/tmp/covidcxr_index_scale"),
+                   help="work folder for the archive indexes (needs ~0.6 KB per case of disk)")
+    p.add_argument("--keep-archive", action="store_true", help="keep the archive index folders")
+    p.add_argument("--archive-out", type=Path,
+                   default=Path(__file__).parent / "results" / "index_scale_archive",
+                   help="output path of the archive results without suffix")
     return p.parse_args(argv)
 
 
@@ -171,7 +189,7 @@ def run_caseindex(kind: str, x: np.ndarray, meta: list[dict], q: np.ndarray, tru
     def knn(v: np.ndarray) -> np.ndarray:
         return idx.kneighbors(v, K)[1]
 
-    if kind == "ivf":
+    if kind in ("ivf", "ivfpq"):
         row["params"]["nlist"] = int(faiss.extract_index_ivf(idx.index_).nlist)
     sweep: list[dict[str, Any]] = []
     if kind == "exact":
@@ -322,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             sweeps[str(n)] = {}
             for kind in args.kinds:
                 logger.info("n=%d: %s", n, kind)
-                if kind in ("exact", "hnsw", "ivf"):
+                if kind in ("exact", "hnsw", "ivf", "ivfpq"):
                     row, sweep = run_caseindex(kind, x, meta, q, truth, n_lat, args)
                     sweeps[str(n)][kind] = sweep
                 elif kind == "numpy":
@@ -339,7 +357,15 @@ def main(argv: list[str] | None = None) -> int:
                             row["build_s"], row["p50_ms"], row["p99_ms"], row["recall@10"])
             del x, q, meta, truth
             gc.collect()
-    n_max = max(args.sizes)
+    archive_rows: list[dict[str, Any]] = []
+    archive_sweeps: dict[str, list] = {}
+    with threadpool_limits(limits=args.threads):
+        for n in args.archive_sizes:
+            args.archive_dir.mkdir(parents=True, exist_ok=True)
+            rows, sweep = run_archive(n, args, mixture, args.archive_dir)
+            archive_rows += rows
+            archive_sweeps[str(n)] = sweep
+    n_max = max(args.sizes, default=0)
     verdicts = []
     for r in results:
         if r["n"] == n_max and r["method"] in ("CaseIndex[hnsw]", "CaseIndex[ivf]"):
@@ -364,11 +390,27 @@ def main(argv: list[str] | None = None) -> int:
         "sweeps": sweeps,
         "verdict": "\n".join(f"- {v}" for v in verdicts) or "- no approximate index was run at the largest size",
     }
+    result["meta"]["cpu_flags"] = cpu_flags()
+    result["meta"]["ram_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    write_markdown(args.out.with_suffix(".md"), result)
-    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')} "
-          f"({result['meta']['total_s']:.0f} s)")
+    if args.sizes and not args.archive_sizes:
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_markdown(args.out.with_suffix(".md"), result)
+    if args.archive_sizes:
+        verdict = []
+        for r in archive_rows:
+            if "warm" in r["method"] and r["n"] >= 10_000_000:
+                ok = r["bytes_per_case"] <= 100 and r["p50_ms"] <= 10 and r["recall@10"] >= args.archive_target_recall
+                verdict.append(f"- {r['n']:,} cases: {r['bytes_per_case']:.1f} B/case, p50 {r['p50_ms']:.2f} ms, "
+                               f"recall@10 {r['recall@10']:.3f} -> {'meets' if ok else 'misses'} the targets")
+        archive = {"meta": result["meta"], "archive": archive_rows, "archive_sweeps": archive_sweeps,
+                   "archive_verdict": "\n".join(verdict) or "- no 10 M-case archive in this run",
+                   "extrapolation": extrapolate(archive_rows),
+                   "in_memory_same_run": [r for r in results if r["n"] == n_max]}
+        args.archive_out.with_suffix(".json").write_text(json.dumps(archive, indent=2, default=str) + "\n",
+                                                         encoding="utf-8")
+        write_archive_markdown(args.archive_out.with_suffix(".md"), archive)
+    logger.info("done in %.0f s", result["meta"]["total_s"])
     return 0
 
 

@@ -30,6 +30,10 @@ class UnsupportedImageError(ImageError):
     """The file is a valid image or DICOM object this package refuses (multi-frame, SR, CT/MR, codec missing)."""
 
 
+class NotFrontalChestError(UnsupportedImageError):
+    """A DICOM header says the image is not a frontal chest radiograph (lateral view, another body part)."""
+
+
 class ImageTooLargeError(ImageError):
     """The image exceeds the pixel limit and was refused before decoding (decompression-bomb guard)."""
 
@@ -70,6 +74,13 @@ class CaseIndexError(CxrError):
 
 class IndexMismatchError(CaseIndexError):
     """An index was built with another embedding model, dimension or format version."""
+
+
+class PacsError(CxrError):
+    """A PACS (DICOMweb) request failed for good: refused credentials, unreachable server, a rejected store.
+
+    The message names the request and the UID concerned, never credentials or patient identifiers.
+    """
 
 
 class Interrupted(CxrError):

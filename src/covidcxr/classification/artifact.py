@@ -213,6 +213,18 @@ def _load_classifier(directory: Path, config: dict[str, Any], device: torch.devi
     return ModelArtifact(directory, config, model, device)
 
 
+def model_hash(directory: str | Path) -> str:
+    """The weights hash an artifact folder declares (what indexes and embedding shards record), without loading it.
+
+    Raises:
+        ModelError: no readable config, or one without a hash.
+    """
+    config = _read_config(Path(directory))
+    if not config.get("weights_sha256"):
+        raise ModelError(f"{Path(directory) / CONFIG_FILE}: config has no weights_sha256")
+    return str(config["weights_sha256"])
+
+
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "weights" / "covid_classifier"
 
 

@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "covidcxr.cli.classify_cmd",
     "covidcxr.cli.index_cmd",
     "covidcxr.cli.serve_cmd",
+    "covidcxr.cli.pacs_cmd",
     "covidcxr.cli.demo_cmd",
 )
 

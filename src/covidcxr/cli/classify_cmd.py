@@ -107,6 +107,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=None, help="also write predictions to .csv or .json")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                   help="for DICOM inputs, also write the result SR and heat-map Secondary Capture (as `pacs run` "
+                        "stores them) into DIR, to push with your own DICOM tools")
     p.set_defaults(func=_cmd_predict)
 
     p = subparsers.add_parser("evaluate", help="predict a manifest split and report metrics with patient-bootstrap CIs")
@@ -168,7 +171,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     args.model = model_dir(args.model)
     # The one manifest loop: chunks keep memory bounded for thousands of files; a decoding thread per CPU.
     result = jobs.predict_files(args.images, args.model, device=args.device, batch_size=args.batch_size,
-                                num_workers=available_cpus())
+                                num_workers=available_cpus(), dicom_out=args.dicom_out)
     table = result.table
     rich_table = Table(title=f"{args.model} (threshold {result.threshold:.3f})")
     for col in ("image", "P(covid)", "label", "QC"):

@@ -1,4 +1,4 @@
-"""``covidcxr index build | add | evaluate | info`` and ``covidcxr search``: similar-case search (thin CLI)."""
+"""``covidcxr index embed | build | add | evaluate | info`` and ``covidcxr search``: similar-case search (thin CLI)."""
 
 from __future__ import annotations
 
@@ -18,20 +18,51 @@ def register(subparsers: Any) -> None:
     Args:
         subparsers: The object returned by ``ArgumentParser.add_subparsers``.
     """
-    idx = subparsers.add_parser("index", help="similar-case index: build, add, evaluate, info")
+    idx = subparsers.add_parser("index", help="similar-case index: embed, build, add, evaluate, info")
     sub = idx.add_subparsers(title="index commands", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("build", help="embed a manifest split with a model and save a case index")
+    p = sub.add_parser("embed", help="embed a manifest into resumable shards, on one or many processes/GPUs/nodes",
+                       description="Embed a manifest into a shard folder with Lightning (resumable: finished shards "
+                                   "are skipped). Then: covidcxr index build --from-embeddings DIR --out INDEX.")
     p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--manifest", type=Path, required=True, help="manifest CSV (a case_id column is used if present)")
+    p.add_argument("--out", type=Path, required=True, help="shard folder (rerun with the same folder to resume)")
+    p.add_argument("--split", default="all", help="rows of this split (default all)")
+    p.add_argument("--shard-size", type=int, default=4096, help="rows per shard (default 4096)")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto | cpu | gpu")
+    p.add_argument("--devices", default="1", help="processes (CPU) or GPUs per node; 'auto' = all GPUs")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines (start with srun/torchrun, see README)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy (auto = ddp with > 1 process)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="image decoding threads per process (default: this process's CPUs / devices)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("build", help="save a case index: embed a manifest split, or index finished shards")
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", type=Path, help="manifest CSV (a case_id column is used if present)")
+    src.add_argument("--from-embeddings", type=Path, metavar="DIR",
+                     help="shard folder of `covidcxr index embed` (no model needed; streamed for archives)")
     p.add_argument("--out", type=Path, required=True, help="index folder to write")
     p.add_argument("--split", default="train", help="rows of this split (default train; 'all' = every row)")
     p.add_argument("--pca-dim", type=int, default=None, help="reduce embeddings to N dimensions (PCA on these rows)")
     p.add_argument("--whiten", action="store_true", help="whiten the PCA output (needs --pca-dim)")
-    p.add_argument("--kind", default="auto", choices=("auto", "exact", "hnsw", "ivf"),
-                   help="FAISS index kind (default auto: exact up to 200k cases, HNSW above)")
+    p.add_argument("--kind", default="auto", choices=("auto", "exact", "hnsw", "ivf", "ivfpq"),
+                   help="FAISS index kind (default auto: exact up to 200k cases, HNSW up to 2M, IVF-PQ above)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched per query (ivf, ivfpq; sharded builds)")
     p.add_argument("--thumbnails", action="store_true", help="write 128-px PNG thumbnails into OUT/thumbnails/")
     p.add_argument("--force", action="store_true", help="replace an existing index at --out")
+    dist = p.add_argument_group("distributed embedding (Lightning; embeds into shards, then indexes them)")
+    dist.add_argument("--devices", default=None, help="processes (CPU) or GPUs per node; 'auto' = all GPUs")
+    dist.add_argument("--num-nodes", type=int, default=1, help="machines (start with srun/torchrun, see README)")
+    dist.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto | cpu | gpu")
+    dist.add_argument("--strategy", default="auto", help="Lightning strategy (auto = ddp with > 1 process)")
+    dist.add_argument("--shard-size", type=int, default=4096, help="rows per shard (default 4096)")
+    dist.add_argument("--embeddings", type=Path, default=None,
+                      help="shard folder to write/resume (default: OUT's sibling .OUT.embeddings)")
     _add_embed_args(p)
     p.set_defaults(func=_cmd_build)
 
@@ -92,15 +123,62 @@ def _console() -> Any:
 
 
 def _summary(index: Any) -> str:
-    counts = index.metadata_["label"].value_counts().to_dict()
+    counts = index.label_counts()
     labels = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    return (f"{len(index)} cases of {index.metadata_['patient_id'].nunique()} patients ({labels}); {index.kind_} "
+    return (f"{len(index)} cases of {index.n_patients_} patients ({labels}); {index.kind_} "
             f"index, {index.dim_}-d -> {index.index_dim_}-d; model {str(index.model_hash)[:12]}")
+
+
+def _embed(args: argparse.Namespace, out: Path) -> Any:
+    from covidcxr.service import jobs
+
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    per_process = max(1, decode_threads(None) // (devices if isinstance(devices, int) else 1))
+    summary = jobs.embed_shards(args.model, args.manifest, out, split=args.split, shard_size=args.shard_size,
+                                accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
+                                strategy=args.strategy, batch_size=args.batch_size,
+                                num_workers=args.num_workers or per_process, skip_bad=args.skip_bad,
+                                progress=args.progress)
+    if summary.rank == 0:  # every process runs the command; rank 0 reports
+        _console().print(f"embeddings: {summary.directory} ({summary.n_rows} rows in {summary.n_shards} shard(s); "
+                         f"this run embedded {summary.embedded}, {summary.skipped_existing} were already done; "
+                         f"{summary.world_size} process(es), {summary.seconds:.1f} s)")
+    return summary
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    args.model = model_dir(args.model)
+    _embed(args, args.out)
+    return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from covidcxr.service import jobs
 
+    sharded = args.devices is not None or args.embeddings is not None or args.num_nodes > 1
+    if sharded and args.manifest is not None:
+        if args.thumbnails:
+            raise ConfigError("--thumbnails is not available with distributed embedding; add them with "
+                              "`covidcxr index build --manifest` on one process")
+        from covidcxr.service.jobs import check_index_target
+
+        check_index_target(args.out, args.force)
+        args.model = model_dir(args.model)
+        args.devices = args.devices or "1"
+        shards_dir = args.embeddings or args.out.with_name(f".{args.out.name}.embeddings")
+        if _embed(args, shards_dir).rank != 0:
+            return 0
+        args.from_embeddings = shards_dir
+    if args.from_embeddings is not None:
+        settings = {"pca_dim": args.pca_dim, "whiten": args.whiten}
+        if args.nprobe is not None:
+            settings["nprobe"] = args.nprobe
+        index = jobs.index_from_shards(args.from_embeddings, args.out, force=args.force, kind=args.kind,
+                                       **settings)
+        console = _console()
+        console.print(f"index: {args.out}")
+        console.print(_summary(index))
+        return 0
     args.model = model_dir(args.model)
     index = jobs.build_index(args.model, args.manifest, args.out, split=args.split, device=args.device,
                              pca_dim=args.pca_dim, whiten=args.whiten, kind=args.kind, thumbnails=args.thumbnails,

@@ -3,15 +3,20 @@
 :class:`CaseIndex` follows the scikit-learn estimator shape: ``__init__`` stores settings, :meth:`CaseIndex.fit`
 learns the (optional) PCA and builds the FAISS index, learned state ends in ``_``. Search is exact inner product
 on L2-normalised vectors (cosine similarity) by default; big archives switch to an approximate HNSW index
-(``kind='auto'``, more than ``approx_threshold`` cases) or use IVF / HNSW on request.
+(``kind='auto'``, more than ``approx_threshold`` cases), whole archives to the compressed IVF-PQ index with on-disk
+lists and exact re-ranking (more than ``archive_threshold`` cases, :mod:`covidcxr.retrieval.compressed`), or use
+IVF / HNSW / IVF-PQ on request.
 
 On disk an index is one directory::
 
     header.json       format version, embedding-model hash, dimensions, index kind, count, settings
     index.faiss       the FAISS index (vectors after the optional PCA)
+    index.ivfdata     ivfpq only: the inverted lists (PQ codes + ids), memory-mapped when loaded
+    vectors.npy       ivfpq only: the indexed vectors in float16, read for exact re-ranking
     pca.faiss         the fitted faiss.PCAMatrix (only when ``pca_dim`` is set)
     metadata.sqlite   table ``cases``: row_id (= FAISS id), case_id, patient_id, label, and any other columns
-                      given (source, view, image, thumbnail, study_date, ...)
+                      given (source, view, image, thumbnail, study_date, ...); an ivfpq index leaves it on disk
+                      and reads only the rows a search returns
 
 Saves are atomic: the new directory is written next to the old one and swapped in with renames, so a crash at any
 point leaves a loadable index (the previous one, or the new one once complete). What a killed save leaves beside
@@ -31,7 +36,6 @@ import logging
 import math
 import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,14 +45,21 @@ import numpy as np
 import pandas as pd
 
 from covidcxr.errors import CaseIndexError, ConfigError, IndexMismatchError, NotFittedError
-from covidcxr.retrieval.metadata import _check_metadata, _exclusion_sets, _is_missing, _read_metadata, _write_metadata
+from covidcxr.retrieval import compressed
+from covidcxr.retrieval.metadata import (
+    FrameCases,
+    SqliteCases,
+    _check_metadata,
+    _exclusion_sets,
+    _read_metadata,
+    _write_metadata,
+)
 from covidcxr.retrieval.storage import (
     FORMAT_VERSION,
     HEADER_FILE,
     INDEX_FILE,
     METADATA_FILE,
     PCA_FILE,
-    REQUIRED_COLUMNS,
     _backup_path,
     _fsync_dir,
     _fsync_file,
@@ -62,9 +73,8 @@ from covidcxr.retrieval.storage import (
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("auto", "exact", "hnsw", "ivf")
+KINDS = ("auto", "exact", "hnsw", "ivf", "ivfpq")
 METRICS = ("ip", "l2")
-# Mirrors covidcxr.data.LABELS; not imported from there because data.py pulls in torch.
 
 
 
@@ -98,8 +108,10 @@ class CaseIndex:
     """Similar-case index over embeddings, with per-case metadata.
 
     Args:
-        kind: ``'exact'`` (faiss IndexFlat), ``'hnsw'`` (IndexHNSWFlat), ``'ivf'`` (IndexIVFFlat) or ``'auto'``:
-            exact up to ``approx_threshold`` cases, HNSW above (also when ``add`` grows an exact index past it).
+        kind: ``'exact'`` (faiss IndexFlat), ``'hnsw'`` (IndexHNSWFlat), ``'ivf'`` (IndexIVFFlat), ``'ivfpq'``
+            (IndexIVFPQ, optional OPQ, on-disk lists, re-ranked from stored vectors) or ``'auto'``: exact up to
+            ``approx_threshold`` cases, HNSW above (also when ``add`` grows an exact index past it), IVF-PQ above
+            ``archive_threshold``.
         pca_dim: reduce embeddings to this many dimensions with a PCA fitted in :meth:`fit` (None = no PCA).
             At 1M cases 2048-d float32 vectors take 8 GB; 256 dimensions take 1 GB.
         whiten: whiten the PCA output (eigenvalue power -0.5); needs ``pca_dim``.
@@ -109,9 +121,19 @@ class CaseIndex:
         ef_construction: HNSW build-time beam width.
         ef_search: HNSW query-time beam width (raised to k when k is larger); 128 gave recall@10 0.98 at
             p50 0.5 ms on 1M 256-d cases in ``benchmarks/index_scale.py``.
-        nlist: number of IVF lists; None = 4 * sqrt(n) capped so that each list gets >= 39 training points.
-        nprobe: IVF lists visited per query.
+        nlist: number of IVF lists; None = 4 * sqrt(n) (ivf) or 2 * sqrt(n) (ivfpq), capped so that each list gets
+            >= 39 training points.
+        nprobe: IVF lists visited per query (ivf, ivfpq).
         approx_threshold: with ``kind='auto'``, more cases than this use HNSW.
+        pq_m: ivfpq bytes per code (sub-quantisers; must divide the indexed dimension); None =
+            :func:`~covidcxr.retrieval.compressed.default_pq_m` (64 for 256-d: 72 bytes per case with the id).
+        pq_bits: ivfpq bits per sub-quantiser code.
+        opq: ivfpq behind a learned OPQ rotation (better codes for correlated dimensions, slower training).
+        rerank: ivfpq re-scores the best ``rerank * k`` PQ candidates exactly from the stored vectors (0 = off,
+            and then no vectors are stored); 30 lifted recall@10 at 10 M cases from 0.31 (PQ order) and 0.81
+            (rerank 10) to 0.95 for 0.3 ms (``benchmarks/results/index_scale_archive.md``).
+        archive_threshold: with ``kind='auto'``, more cases than this use IVF-PQ; above it HNSW needs > 2 GB of
+            RAM and over 15 minutes to build on two cores (``benchmarks/results/index_scale.md``).
         model_hash: hash of the embedding model's weights, stored in the header and checked by :meth:`load`.
         seed: seed of the IVF k-means.
 
@@ -143,6 +165,11 @@ class CaseIndex:
         approx_threshold: int = 200_000,
         model_hash: str | None = None,
         seed: int = 0,
+        pq_m: int | None = None,
+        pq_bits: int = 8,
+        opq: bool = False,
+        rerank: int = 30,
+        archive_threshold: int = 2_000_000,
     ) -> None:
         self.kind = kind
         self.pca_dim = pca_dim
@@ -156,6 +183,11 @@ class CaseIndex:
         self.approx_threshold = approx_threshold
         self.model_hash = model_hash
         self.seed = seed
+        self.pq_m = pq_m
+        self.pq_bits = pq_bits
+        self.opq = opq
+        self.rerank = rerank
+        self.archive_threshold = archive_threshold
         self.build_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ settings
@@ -175,6 +207,11 @@ class CaseIndex:
             "approx_threshold": self.approx_threshold,
             "model_hash": self.model_hash,
             "seed": self.seed,
+            "pq_m": self.pq_m,
+            "pq_bits": self.pq_bits,
+            "opq": self.opq,
+            "rerank": self.rerank,
+            "archive_threshold": self.archive_threshold,
         }
 
     def set_params(self, **params: Any) -> CaseIndex:
@@ -229,6 +266,15 @@ class CaseIndex:
         _check_int("nprobe", self.nprobe, 1)
         _check_int("approx_threshold", self.approx_threshold, 1)
         _check_int("seed", self.seed, 0)
+        if self.pq_m is not None:
+            _check_int("pq_m", self.pq_m, 1)
+        _check_int("pq_bits", self.pq_bits, 1)
+        if self.pq_bits > 16:
+            raise ConfigError(f"pq_bits must be <= 16, got {self.pq_bits}")
+        _check_int("rerank", self.rerank, 0)
+        _check_int("archive_threshold", self.archive_threshold, 1)
+        if not isinstance(self.opq, bool):
+            raise ConfigError(f"opq must be True or False, got {self.opq!r}")
         if self.model_hash is not None and not isinstance(self.model_hash, str):
             raise ConfigError(f"model_hash must be a string or None, got {type(self.model_hash).__name__}")
 
@@ -264,7 +310,7 @@ class CaseIndex:
         # Learned state is set only once everything succeeded, so a failed refit leaves the old index usable.
         self.pca_, self.dim_, self.index_dim_, self.kind_ = pca, dim, xt.shape[1], kind
         self.index_, self.metadata_ = index, meta
-        self._refresh_lookup()
+        self.vectors_ = self._stored_vectors(kind, xt)
         logger.info("built %s index of %d cases (dim %d -> %d)", self.kind_, n, dim, self.index_dim_)
         return self
 
@@ -283,9 +329,13 @@ class CaseIndex:
             ConfigError: bad embeddings/metadata, or case_ids already in the index (all of them are named).
         """
         self._check_fitted()
+        if not self.appendable:
+            raise CaseIndexError(
+                "this archive index keeps its metadata on disk and cannot grow in place; add the new cases' "
+                "embedding shards and rebuild it with `covidcxr index build --from-embeddings DIR`")
         x = _check_embeddings(embeddings, "embeddings", dim=self.dim_)
         meta = _check_metadata(metadata, len(x))
-        dupes = sorted(set(meta["case_id"]) & self._case_id_set)
+        dupes = sorted(self._cases.existing(meta["case_id"]))
         if dupes:
             shown = ", ".join(repr(d) for d in dupes[:20]) + (" ..." if len(dupes) > 20 else "")
             raise ConfigError(f"{len(dupes)} case_id(s) already in the index: {shown}")
@@ -299,12 +349,50 @@ class CaseIndex:
             self.kind_ = "hnsw"
         else:
             self.index_.add(xt)
+        if self.vectors_ is not None:
+            self.vectors_ = np.concatenate([self.vectors_, self._stored_vectors(self.kind_, xt)])
         self.metadata_ = pd.concat([self.metadata_, meta], ignore_index=True)
-        self._refresh_lookup()
         return self
+
+    @property
+    def metadata_(self) -> pd.DataFrame:
+        """One row per indexed case (row i = FAISS id i); an archive index reads its whole table for this."""
+        self._check_fitted()
+        return self._cases.frame()
+
+    @metadata_.setter
+    def metadata_(self, frame: pd.DataFrame) -> None:
+        self._cases = FrameCases(frame)
+
+    def _stored_vectors(self, kind: str, xt: np.ndarray) -> np.ndarray | None:
+        if kind != "ivfpq" or not self.rerank:
+            return None
+        return xt.astype(compressed.VECTOR_DTYPE)
 
     def __len__(self) -> int:
         return int(self.index_.ntotal) if hasattr(self, "index_") else 0
+
+    @property
+    def appendable(self) -> bool:
+        """Whether :meth:`add` can grow this index (archive indexes with on-disk metadata are rebuilt instead)."""
+        self._check_fitted()
+        return not self._cases.read_only
+
+    def existing_case_ids(self, case_ids: Sequence[str]) -> set[str]:
+        """Those of ``case_ids`` already indexed (an SQL lookup for archive indexes)."""
+        self._check_fitted()
+        return self._cases.existing([str(c) for c in case_ids])
+
+    def label_counts(self) -> dict[str, int]:
+        """Indexed cases per label (from SQLite for archive indexes, without loading the metadata)."""
+        self._check_fitted()
+        return self._cases.label_counts()
+
+    @property
+    def n_patients_(self) -> int:
+        """Number of distinct indexed patients."""
+        self._check_fitted()
+        return self._cases.n_patients()
 
     @property
     def n_cases_(self) -> int:
@@ -362,7 +450,7 @@ class CaseIndex:
         excluded = _exclusion_sets(exclude_patients, len(xq))
         ntotal = int(self.index_.ntotal)
         # The exact number of cases the exclusions can remove bounds the over-fetch for an exact index.
-        extra = [sum(self._patient_counts.get(p, 0) for p in ex) for ex in excluded]
+        extra = [self._cases.patient_count(ex) for ex in excluded]
         fetch = min(ntotal, k + max(extra, default=0))
         scores, rows = self._search_prepared(xq, fetch)
         results = []
@@ -375,38 +463,27 @@ class CaseIndex:
                 more = min(ntotal, more * 2)
                 s, r = self._search_prepared(xq[qi : qi + 1], more)
                 picked = self._filter(s[0], r[0], excluded[qi], k)
-            results.append([self._match(rank, score, row) for rank, (score, row) in enumerate(picked, start=1)])
+            records = self._cases.records([row for _, row in picked])
+            results.append([Match(rank=rank, score=float(score), **rec)
+                            for rank, ((score, _), rec) in enumerate(zip(picked, records, strict=True), start=1)])
         return results
 
     def _filter(self, scores: np.ndarray, rows: np.ndarray, excluded: frozenset, k: int) -> list[tuple[float, int]]:
-        out = []
-        for score, row in zip(scores.tolist(), rows.tolist(), strict=True):
-            if row < 0 or (excluded and self._patient_ids[row] in excluded):
-                continue
-            out.append((score, row))
-            if len(out) == k:
-                break
-        return out
-
-    def _match(self, rank: int, score: float, row: int) -> Match:
-        extra = {}
-        for name, values in self._extra_columns.items():
-            value = values[row]
-            extra[name] = None if _is_missing(value) else value
-        return Match(
-            rank=rank,
-            score=float(score),
-            case_id=self._case_ids[row],
-            patient_id=self._patient_ids[row],
-            label=self._labels[row],
-            metadata=extra,
-        )
+        pairs = [(s, r) for s, r in zip(scores.tolist(), rows.tolist(), strict=True) if r >= 0]
+        if excluded:
+            patients = self._cases.patients([r for _, r in pairs])
+            pairs = [pr for pr, p in zip(pairs, patients, strict=True) if p not in excluded]
+        return pairs[:k]
 
     def _prepare_queries(self, query_embeddings: np.ndarray) -> np.ndarray:
         xq = _check_embeddings(query_embeddings, "query_embeddings", dim=self.dim_)
         return _project(self._normalise(xq, "query_embeddings"), self.pca_, self.metric)
 
     def _search_prepared(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.vectors_ is not None and self.rerank:
+            fetch = min(int(self.index_.ntotal), k * int(self.rerank))
+            _, cand = self.index_.search(xq, fetch)
+            return compressed.rerank(xq, cand, self.vectors_, self.metric, k)
         dist, rows = self.index_.search(xq, k)
         if self.metric == "l2":
             dist = -dist
@@ -439,11 +516,20 @@ class CaseIndex:
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=directory.parent))
         try:
             _remove_stale(directory, in_flight=tmp)  # what killed saves left (never our own tmp)
-            _write_faiss(tmp / INDEX_FILE, self.index_)
+            if self.kind_ == "ivfpq":
+                compressed.write_ondisk(self.index_, tmp, INDEX_FILE)
+            else:
+                _write_faiss(tmp / INDEX_FILE, self.index_)
+            if self.vectors_ is not None:
+                compressed.write_vectors(tmp / compressed.VECTORS_FILE, self.vectors_)
             if self.pca_ is not None:
                 faiss.write_VectorTransform(self.pca_, str(tmp / PCA_FILE))
                 _fsync_file(tmp / PCA_FILE)
-            _write_metadata(tmp / METADATA_FILE, self.metadata_)
+            if isinstance(self._cases, SqliteCases):  # an archive index saved elsewhere: copy its table as is
+                shutil.copyfile(self._cases.path, tmp / METADATA_FILE)
+                _fsync_file(tmp / METADATA_FILE)
+            else:
+                _write_metadata(tmp / METADATA_FILE, self.metadata_)
             _write_header(tmp / HEADER_FILE, self._header())  # last: a header means the rest is complete
             _fsync_dir(tmp)
             _swap_in(tmp, directory)
@@ -454,16 +540,23 @@ class CaseIndex:
         return directory
 
     def _header(self) -> dict[str, Any]:
+        return self.header_for(dim=self.dim_, index_dim=self.index_dim_, kind=self.kind_,
+                               count=self.index_.ntotal, pca=self.pca_ is not None, vectors=self.vectors_ is not None)
+
+    def header_for(self, *, dim: int, index_dim: int, kind: str, count: int, pca: bool,
+                   vectors: bool) -> dict[str, Any]:
+        """The ``header.json`` of an index with these settings and this learned state (also for streamed builds)."""
         faiss = _import_faiss()
         return {
             "format_version": FORMAT_VERSION,
             "model_hash": self.model_hash,
-            "dim": int(self.dim_),
-            "index_dim": int(self.index_dim_),
-            "kind": self.kind_,
+            "dim": int(dim),
+            "index_dim": int(index_dim),
+            "kind": kind,
             "metric": self.metric,
-            "count": int(self.index_.ntotal),
-            "pca": self.pca_ is not None,
+            "count": int(count),
+            "pca": bool(pca),
+            "vectors": bool(vectors),
             "params": self.get_params(),
             "build_info": dict(self.build_info),
             "faiss_version": getattr(faiss, "__version__", "unknown"),
@@ -532,7 +625,10 @@ class CaseIndex:
             )
         faiss = _import_faiss()
         try:
-            index = faiss.read_index(str(src / INDEX_FILE))
+            if kind == "ivfpq":
+                index = compressed.read_ondisk(src, INDEX_FILE)
+            else:
+                index = faiss.read_index(str(src / INDEX_FILE))
             pca = faiss.read_VectorTransform(str(src / PCA_FILE)) if header.get("pca") else None
         except RuntimeError as exc:
             raise CaseIndexError(f"{src}: cannot read the FAISS files ({str(exc).splitlines()[0]})") from exc
@@ -544,17 +640,21 @@ class CaseIndex:
                                      f"header says {dim} -> {index_dim}")
         if pca is None and dim != index_dim:
             raise CaseIndexError(f"{src}: header says {dim} -> {index_dim} dimensions but {PCA_FILE} is missing")
-        metadata = _read_metadata(src / METADATA_FILE)
-        if not (index.ntotal == len(metadata) == count):
-            raise CaseIndexError(f"{src}: inconsistent counts: FAISS {index.ntotal}, metadata {len(metadata)}, "
+        if kind == "ivfpq":  # archive scale: metadata stays in SQLite, vectors stay on disk
+            cases: FrameCases | SqliteCases = SqliteCases(src / METADATA_FILE)
+            vectors = (compressed.read_vectors(src / compressed.VECTORS_FILE, count, index_dim)
+                       if header.get("vectors") else None)
+        else:
+            cases, vectors = FrameCases(_read_metadata(src / METADATA_FILE)), None
+        if not (index.ntotal == len(cases) == count):
+            raise CaseIndexError(f"{src}: inconsistent counts: FAISS {index.ntotal}, metadata {len(cases)}, "
                               f"header {count}")
         obj = cls(**params)
         obj._validate_params()
         obj.build_info = dict(header.get("build_info") or {})
         obj.dim_, obj.index_dim_, obj.kind_ = dim, index_dim, kind
-        obj.index_, obj.pca_, obj.metadata_ = index, pca, metadata
+        obj.index_, obj.pca_, obj._cases, obj.vectors_ = index, pca, cases, vectors
         obj._set_search_params(index, kind)
-        obj._refresh_lookup()
         return obj
 
     # ------------------------------------------------------------------ internals
@@ -566,6 +666,8 @@ class CaseIndex:
 
     def _resolve_kind(self, n: int) -> str:
         if self.kind == "auto":
+            if n > self.archive_threshold:
+                return "ivfpq"
             return "hnsw" if n > self.approx_threshold else "exact"
         return self.kind
 
@@ -596,6 +698,9 @@ class CaseIndex:
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(d, int(self.hnsw_m), metric)
             index.hnsw.efConstruction = int(self.ef_construction)
+        elif kind == "ivfpq":
+            index = self.new_ivfpq(d, n)
+            index.train(xt[compressed.train_sample(n, faiss.extract_index_ivf(index).nlist, self.seed)])
         else:
             nlist = self.nlist if self.nlist is not None else max(1, min(int(4 * math.sqrt(n)), n // 39))
             if nlist > n:
@@ -613,24 +718,28 @@ class CaseIndex:
         index.add(xt)
         return index
 
+    def new_ivfpq(self, d: int, n: int) -> Any:
+        """The untrained IVF-PQ index these settings give for ``n`` cases of dimension ``d``.
+
+        Raises:
+            ConfigError: nlist above n, or pq_m not dividing d.
+        """
+        nlist = self.nlist if self.nlist is not None else compressed.default_nlist(n)
+        if nlist > n:
+            raise ConfigError(f"nlist={nlist} exceeds the number of cases ({n}); lower nlist")
+        pq_m = self.pq_m if self.pq_m is not None else compressed.default_pq_m(d)
+        if n < 2 ** int(self.pq_bits):
+            raise ConfigError(f"ivfpq needs at least 2**pq_bits = {2 ** int(self.pq_bits)} cases to train its "
+                              f"codebooks, got {n}; use kind='exact' or lower pq_bits")
+        return compressed.new_ivfpq(d, nlist, pq_m, int(self.pq_bits), self.metric, self.opq, self.seed)
+
     def _set_search_params(self, index: Any, kind: str) -> None:
         faiss = _import_faiss()
         if kind == "hnsw":
             faiss.downcast_index(index).hnsw.efSearch = int(self.ef_search)
-        elif kind == "ivf":
+        elif kind in ("ivf", "ivfpq"):
             ivf = faiss.extract_index_ivf(index)
             ivf.nprobe = min(int(self.nprobe), int(ivf.nlist))
-
-    def _refresh_lookup(self) -> None:
-        meta = self.metadata_
-        self._case_ids = meta["case_id"].to_numpy(dtype=object)
-        self._patient_ids = meta["patient_id"].to_numpy(dtype=object)
-        self._labels = meta["label"].to_numpy(dtype=object)
-        self._extra_columns = {
-            str(c): meta[c].to_numpy(dtype=object) for c in meta.columns if c not in REQUIRED_COLUMNS
-        }
-        self._case_id_set = set(self._case_ids.tolist())
-        self._patient_counts = Counter(self._patient_ids.tolist())
 
 
 # ---------------------------------------------------------------------- validation helpers
@@ -673,13 +782,3 @@ def _check_embeddings(x: Any, name: str, dim: int | None = None) -> np.ndarray:
         raise ConfigError(f"{name}: {bad.size} row(s) contain NaN/inf or overflow float32, e.g. rows "
                           f"{bad[:10].tolist()}")
     return arr
-
-
-
-
-
-
-
-
-
-

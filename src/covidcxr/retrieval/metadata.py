@@ -6,9 +6,11 @@ No torch here (see :mod:`covidcxr.retrieval.index`).
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import sqlite3
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +22,8 @@ import pandas as pd
 from covidcxr.errors import CaseIndexError, ConfigError
 from covidcxr.retrieval.storage import REQUIRED_COLUMNS, _fsync_file
 from covidcxr.vocab import LABELS
+
+logger = logging.getLogger(__name__)
 
 
 def _normalise_label(value: Any) -> str:
@@ -121,6 +125,7 @@ def _write_metadata(path: Path, metadata: pd.DataFrame) -> None:
         frame.to_sql("cases", con, index=False, chunksize=50_000)
         con.execute("CREATE UNIQUE INDEX cases_case_id ON cases(case_id)")
         con.execute("CREATE INDEX cases_patient_id ON cases(patient_id)")
+        con.execute("CREATE UNIQUE INDEX cases_row_id ON cases(row_id)")  # row lookups of SqliteCases
         con.commit()
     finally:
         con.close()
@@ -148,3 +153,212 @@ def _read_metadata(path: Path) -> pd.DataFrame:
     if not np.array_equal(frame["row_id"].to_numpy(dtype=np.int64), np.arange(len(frame))):
         raise CaseIndexError(f"{path}: metadata row_id values are not 0..{len(frame) - 1}")
     return frame.drop(columns="row_id")
+
+
+# ---------------------------------------------------------------------- case lookup during search
+
+
+class FrameCases:
+    """Case metadata held in memory (indexes up to a few million cases): the lookups a search needs."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self._frame = frame
+        self._case_ids = frame["case_id"].to_numpy(dtype=object)
+        self._patient_ids = frame["patient_id"].to_numpy(dtype=object)
+        self._labels = frame["label"].to_numpy(dtype=object)
+        self._extra = {str(c): frame[c].to_numpy(dtype=object) for c in frame.columns if c not in REQUIRED_COLUMNS}
+        self._case_id_set = set(self._case_ids.tolist())
+        self._patient_counts = Counter(self._patient_ids.tolist())
+
+    read_only = False
+
+    def __len__(self) -> int:
+        return len(self._frame)
+
+    def frame(self) -> pd.DataFrame:
+        """All metadata as a DataFrame (row i = FAISS id i)."""
+        return self._frame
+
+    def patient_count(self, patients: Iterable[str]) -> int:
+        """Number of cases that belong to any of ``patients``."""
+        return sum(self._patient_counts.get(p, 0) for p in patients)
+
+    def patients(self, rows: Sequence[int]) -> list[str]:
+        """Patient id of each row (``rows`` >= 0)."""
+        return [self._patient_ids[r] for r in rows]
+
+    def records(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """``case_id``, ``patient_id``, ``label`` and the other columns (``None`` for missing) of each row."""
+        out = []
+        for r in rows:
+            extra = {name: (None if _is_missing(v[r]) else v[r]) for name, v in self._extra.items()}
+            out.append({"case_id": self._case_ids[r], "patient_id": self._patient_ids[r], "label": self._labels[r],
+                        "metadata": extra})
+        return out
+
+    def existing(self, case_ids: Iterable[str]) -> set[str]:
+        """Those of ``case_ids`` already in the index."""
+        return set(case_ids) & self._case_id_set
+
+    def label_counts(self) -> dict[str, int]:
+        """Cases per label."""
+        return dict(Counter(self._labels.tolist()))
+
+    def n_patients(self) -> int:
+        """Distinct patients."""
+        return len(self._patient_counts)
+
+
+class SqliteCases:
+    """Case metadata left in the index's SQLite table, looked up per search (archives of 10-100 M cases).
+
+    Only the rows a search returns are read (by ``row_id``, the table's primary key); patient exclusion counts a
+    patient's cases with the ``patient_id`` index. Connections are per thread (the web app searches from a pool).
+    """
+
+    read_only = True
+
+    def __init__(self, path: Path, count: int | None = None) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        try:
+            con = self._con()
+            cols = [r[1] for r in con.execute("PRAGMA table_info(cases)")]
+            n = con.execute("SELECT max(row_id) + 1 FROM cases").fetchone()[0] or 0
+        except sqlite3.Error as exc:
+            raise CaseIndexError(f"{self.path}: cannot read the metadata table ({exc})") from exc
+        missing = [c for c in ("row_id", *REQUIRED_COLUMNS) if c not in cols]
+        if missing:
+            raise CaseIndexError(f"{self.path}: metadata table lacks column(s) {missing}")
+        if count is not None and n != count:
+            raise CaseIndexError(f"{self.path}: metadata has {n} rows but the index holds {count} cases")
+        self._n = int(n)
+        self._extra = [c for c in cols if c not in ("row_id", *REQUIRED_COLUMNS)]
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            self._local.con = con
+        return con
+
+    def __len__(self) -> int:
+        return self._n
+
+    def frame(self) -> pd.DataFrame:
+        """All metadata as a DataFrame (reads the whole table: avoid on archive-scale indexes)."""
+        if self._n > 1_000_000:
+            logger.warning("%s: reading all %d metadata rows into memory", self.path, self._n)
+        return _read_metadata(self.path)
+
+    def _query(self, sql: str, rows: Sequence[int]) -> dict[int, tuple]:
+        found: dict[int, tuple] = {}
+        con = self._con()
+        for i in range(0, len(rows), 900):  # SQLite's default limit on bound parameters is 999
+            part = [int(r) for r in rows[i:i + 900]]
+            marks = ",".join("?" * len(part))
+            for rec in con.execute(sql.format(marks=marks), part):
+                found[rec[0]] = rec[1:]
+        return found
+
+    def patient_count(self, patients: Iterable[str]) -> int:
+        """Number of cases that belong to any of ``patients`` (uses the ``patient_id`` index)."""
+        ids = list(patients)
+        if not ids:
+            return 0
+        con, total = self._con(), 0
+        for i in range(0, len(ids), 900):
+            part = ids[i:i + 900]
+            total += con.execute(f"SELECT count(*) FROM cases WHERE patient_id IN ({','.join('?' * len(part))})",
+                                 part).fetchone()[0]
+        return int(total)
+
+    def patients(self, rows: Sequence[int]) -> list[str]:
+        """Patient id of each row."""
+        found = self._query("SELECT row_id, patient_id FROM cases WHERE row_id IN ({marks})", rows)
+        return [str(found[int(r)][0]) for r in rows]
+
+    def records(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """``case_id``, ``patient_id``, ``label`` and the other columns of each row."""
+        cols = ", ".join(_quote(c) for c in (*REQUIRED_COLUMNS, *self._extra))
+        found = self._query(f"SELECT row_id, {cols} FROM cases WHERE row_id IN ({{marks}})", rows)
+        out = []
+        for r in rows:
+            rec = found[int(r)]
+            out.append({"case_id": str(rec[0]), "patient_id": str(rec[1]), "label": str(rec[2]),
+                        "metadata": dict(zip(self._extra, rec[3:], strict=True))})
+        return out
+
+    def existing(self, case_ids: Iterable[str]) -> set[str]:
+        """Those of ``case_ids`` already in the index (uses the ``case_id`` index)."""
+        ids, con, found = list(case_ids), self._con(), set()
+        for i in range(0, len(ids), 900):
+            part = ids[i:i + 900]
+            found |= {r[0] for r in con.execute(
+                f"SELECT case_id FROM cases WHERE case_id IN ({','.join('?' * len(part))})", part)}
+        return found
+
+    def label_counts(self) -> dict[str, int]:
+        """Cases per label (one SQL aggregate)."""
+        return {str(k): int(v) for k, v in self._con().execute("SELECT label, count(*) FROM cases GROUP BY label")}
+
+    def n_patients(self) -> int:
+        """Distinct patients (walks the ``patient_id`` index)."""
+        return int(self._con().execute("SELECT count(DISTINCT patient_id) FROM cases").fetchone()[0])
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class MetadataWriter:
+    """Append case metadata to a new SQLite table in chunks (archive builds never hold all rows in memory).
+
+    The table has ``row_id INTEGER PRIMARY KEY`` (= FAISS id) and the indexes on ``case_id`` (unique) and
+    ``patient_id`` are created by :meth:`close`, which is faster than maintaining them while inserting.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._con = sqlite3.connect(self.path)
+        self._con.execute("PRAGMA journal_mode=OFF")  # a new file: a crash means rebuilding, not recovering
+        self._con.execute("PRAGMA synchronous=OFF")
+        self._columns: list[str] | None = None
+        self.count = 0
+
+    def append(self, metadata: pd.DataFrame) -> None:
+        """Check (as :meth:`CaseIndex.fit` does) and append rows; their row ids continue from the last chunk.
+
+        Raises:
+            ConfigError: bad metadata, or columns that differ from the first chunk's.
+        """
+        meta = _check_metadata(metadata, len(metadata))
+        cols = [str(c) for c in meta.columns]
+        if self._columns is None:
+            self._columns = cols
+            spec = ", ".join(f"{_quote(c)}" for c in cols)
+            self._con.execute(f"CREATE TABLE cases (row_id INTEGER PRIMARY KEY, {spec})")
+        elif cols != self._columns:
+            raise ConfigError(f"metadata columns {cols} differ from the first chunk's {self._columns}")
+        marks = ",".join("?" * (len(cols) + 1))
+        rows = ((self.count + i, *rec) for i, rec in enumerate(meta.itertuples(index=False, name=None)))
+        self._con.executemany(f"INSERT INTO cases VALUES ({marks})", rows)
+        self.count += len(meta)
+
+    def close(self) -> None:
+        """Create the indexes, commit and fsync.
+
+        Raises:
+            CaseIndexError: a case_id occurs twice across chunks.
+        """
+        try:
+            self._con.execute("CREATE UNIQUE INDEX cases_case_id ON cases(case_id)")
+        except sqlite3.IntegrityError as exc:
+            dupes = [r[0] for r in self._con.execute(
+                "SELECT case_id FROM cases GROUP BY case_id HAVING count(*) > 1 LIMIT 20")]
+            self._con.close()
+            raise CaseIndexError(f"{self.path}: duplicate case_id(s) across chunks: {dupes}") from exc
+        self._con.execute("CREATE INDEX cases_patient_id ON cases(patient_id)")
+        self._con.commit()
+        self._con.close()
+        _fsync_file(self.path)

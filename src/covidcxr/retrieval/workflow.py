@@ -123,7 +123,8 @@ def _model_info(artifact: Any) -> dict[str, Any]:
     }
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_index_out(out: Path, force: bool) -> None:
+    """Refuse to write an index over a folder that is not one, or over an index without ``force``."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if out.is_file() or not (out / "header.json").is_file():
@@ -169,7 +170,7 @@ def index_from_embeddings(
         CaseIndexError: ``out`` exists and is not a case index (never replaced).
     """
     out = Path(out)
-    _check_out(out, force)
+    check_index_out(out, force)
     meta = case_metadata(rows)
     index = CaseIndex(kind=kind, pca_dim=pca_dim, whiten=whiten, model_hash=artifact.weights_hash)
     staging = None
@@ -236,7 +237,7 @@ def build_index(
         ImageError: An unreadable image without ``skip_bad``.
     """
     out = Path(out)
-    _check_out(out, force)
+    check_index_out(out, force)
     CaseIndex(kind=kind, pca_dim=pca_dim, whiten=whiten).set_params()  # validates the settings before the long part
     n_max = min(len(df), int(artifact.num_features))
     if pca_dim is not None and pca_dim > n_max:
@@ -283,8 +284,11 @@ def add_to_index(
     """
     index_dir = Path(index_dir)
     index = CaseIndex.load(index_dir, expect_model_hash=artifact.weights_hash, expect_dim=int(artifact.num_features))
+    if not index.appendable:
+        raise CaseIndexError(f"{index_dir}: an archive index (ivfpq, metadata on disk) cannot grow in place; embed "
+                             "the new cases into shards and rebuild with `covidcxr index build --from-embeddings`")
     meta = case_metadata(df)
-    existing = set(index.metadata_["case_id"].astype(str))
+    existing = index.existing_case_ids(meta["case_id"].astype(str).tolist())
     dupes = meta["case_id"].isin(existing).to_numpy()
     if dupes.any():
         shown = ", ".join(repr(c) for c in meta.loc[dupes, "case_id"].head(10))

@@ -32,12 +32,18 @@ class Predictions:
 
 
 def predict_files(images: Sequence[str | Path], model: str | Path, *, device: str = "auto", batch_size: int = 32,
-                  num_workers: int = 2) -> Predictions:
+                  num_workers: int = 2, dicom_out: str | Path | None = None) -> Predictions:
     """Probability, label and QC flags per image file (the one manifest loop, chunked, threaded decoding).
+
+    Args:
+        dicom_out: Also write, for each DICOM input, the SR and heat-map Secondary Capture the PACS client stores
+            (:mod:`covidcxr.service.dicom_results`) as ``<stem>_sr.dcm`` / ``<stem>_sc.dcm`` into this folder.
 
     Returns:
         :class:`Predictions` with a table ``image, status, prob_covid, label, qc_flags, no_result_reason`` in the
-        order given; ``prob_covid`` and ``label`` are empty where the input gate gave no result.
+        order given; ``prob_covid`` and ``label`` are empty where the input gate gave no result. With
+        ``dicom_out`` the table also has ``dicom_files`` (the files written, ``;``-separated), and DICOM rows carry
+        the values of the written SR.
     """
     from covidcxr.classification.artifact import load_artifact
 
@@ -48,6 +54,21 @@ def predict_files(images: Sequence[str | Path], model: str | Path, *, device: st
     table = pd.DataFrame({"image": pred["image"], "status": pred["status"],
                           "prob_covid": pred["prob"].where(ok), "label": pred["pred_label"].where(ok, ""),
                           "qc_flags": pred["qc_flags"], "no_result_reason": pred["no_result_reason"]})
+    if dicom_out is not None:
+        from covidcxr.service.dicom_results import write_dicom_outputs
+
+        outputs = write_dicom_outputs(art, table["image"].tolist(), dicom_out)
+        table["dicom_files"] = [files for files, _ in outputs]
+        # The DICOM objects come from the one single-image analysis (with Grad-CAM), as in the PACS client and the
+        # web page; bf16 batches can differ from it in the third decimal, so the table takes the values the files
+        # hold: what a user reads in the CSV and in the viewer is the same number.
+        from covidcxr.classification.ood import GateResult
+
+        for i, (_, result) in enumerate(outputs):
+            if result is not None:
+                reason = GateResult(usable=result.status == "ok", reasons=list(result.no_result_reasons)).message
+                table.loc[i, ["status", "prob_covid", "label", "no_result_reason"]] = [
+                    result.status, result.probability, result.label or "", reason]
     return Predictions(table, art.threshold, art.weights_hash)
 
 
@@ -200,3 +221,38 @@ def evaluate_segmenter(manifest: str | Path, *, weights: str | Path | None = Non
     segmenter = LungSegmenter.load(weights, precision=precision)
     per_image = evaluate_masks(df, segmenter, progress=progress)
     return per_image, dice_table(per_image), segmenter.weights_hash
+
+
+def embed_shards(model: str | Path, manifest: str | Path, out: str | Path, *, split: str | None = None,
+                 **options: Any) -> Any:
+    """Embed a manifest split into a resumable shard folder with Lightning (one or many processes / GPUs / nodes).
+
+    ``options`` go to :func:`covidcxr.retrieval.distributed.embed_to_shards` (shard_size, accelerator, devices,
+    num_nodes, strategy, batch_size, num_workers, skip_bad, progress). Returns its ``EmbedSummary``.
+    """
+    from covidcxr.classification.artifact import model_hash
+    from covidcxr.retrieval.distributed import embed_to_shards
+
+    df = manifest_split(manifest, split)
+    return embed_to_shards(model, model_hash(model), df, out, **options)
+
+
+def index_from_shards(embeddings: str | Path, out: str | Path, *, force: bool = False, kind: str = "auto",
+                      **settings: Any) -> Any:
+    """Build a case index from a finished shard folder (streamed IVF-PQ for archives); returns the index.
+
+    ``settings`` are :class:`~covidcxr.retrieval.index.CaseIndex` settings (pca_dim, nprobe, pq_m, rerank, ...).
+    """
+    from covidcxr.retrieval.archive import build_from_shards
+    from covidcxr.retrieval.index import CaseIndex
+    from covidcxr.retrieval.workflow import check_index_out
+
+    check_index_out(Path(out), force)
+    return build_from_shards(embeddings, out, index=CaseIndex(kind=kind, **settings))
+
+
+def check_index_target(out: str | Path, force: bool) -> None:
+    """Refuse early (before a long embedding run) an ``out`` that is not an index, or an index without ``force``."""
+    from covidcxr.retrieval.workflow import check_index_out
+
+    check_index_out(Path(out), force)
