@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from covidcxr.errors import ConfigError, PacsError
+from covidcxr.service.settings import read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,6 @@ class PacsAuth:
         return {"none": "no authentication", "basic": "HTTP basic", "bearer": "bearer token"}[self.kind]
 
 
-def _read_secret_file(path: str | Path, option: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{option} {path}: cannot read it ({type(exc).__name__})") from exc
-    if not text:
-        raise ConfigError(f"{option} {path}: the file is empty")
-    return text
-
-
 def read_auth(*, token_file: str | Path | None = None, basic_auth_file: str | Path | None = None,
               environ: Mapping[str, str] | None = None) -> PacsAuth:
     """The PACS credentials: a file given on the command line first, else the environment, else none.
@@ -73,9 +64,9 @@ def read_auth(*, token_file: str | Path | None = None, basic_auth_file: str | Pa
     if token_file is not None and basic_auth_file is not None:
         raise ConfigError("give --token-file or --basic-auth-file, not both")
     if token_file is not None:
-        return PacsAuth("bearer", secret=_read_secret_file(token_file, "--token-file"))
+        return PacsAuth("bearer", secret=read_secret_file(token_file, "--token-file"))
     if basic_auth_file is not None:
-        user, sep, password = _read_secret_file(basic_auth_file, "--basic-auth-file").partition(":")
+        user, sep, password = read_secret_file(basic_auth_file, "--basic-auth-file").partition(":")
         if not sep or not user:
             raise ConfigError(f"--basic-auth-file {basic_auth_file}: expected one line 'user:password'")
         return PacsAuth("basic", user=user, secret=password)

@@ -109,6 +109,21 @@ class ServeSettings:
         return int(self.inference_threads) + int(self.queue_size)
 
 
+def read_secret_file(path: str | Path, option: str) -> str:
+    """The stripped content of a secret file (token, ``user:password``); errors name the option, never the secret.
+
+    Raises:
+        ConfigError: The file is unreadable or empty.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({type(exc).__name__})") from exc
+    if not text:
+        raise ConfigError(f"{option} {path}: the file is empty")
+    return text
+
+
 def read_token(token_file: str | Path | None = None, environ: Any = None) -> str | None:
     """The API access token: the content of ``token_file`` (stripped), else ``$COVIDCXR_TOKEN``, else None.
 
@@ -116,13 +131,7 @@ def read_token(token_file: str | Path | None = None, environ: Any = None) -> str
         ConfigError: The file is unreadable or empty, or the variable is set but empty.
     """
     if token_file is not None:
-        try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--token-file {token_file}: cannot read it ({type(exc).__name__})") from exc
-        if not token:
-            raise ConfigError(f"--token-file {token_file}: the file is empty")
-        return token
+        return read_secret_file(token_file, "--token-file")
     env = os.environ if environ is None else environ
     if TOKEN_ENV in env:
         token = str(env[TOKEN_ENV]).strip()
