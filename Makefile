@@ -23,28 +23,26 @@ demo: $(STAMP)
 test: $(STAMP) browser orthanc
 	$(PY) -m pytest -q
 
+# $(call apt_install,CHECK,PACKAGES,WHAT,SKIPPED): install Debian packages when the shell test CHECK fails (as root,
+# as CI runs); otherwise say what is missing and which tests will skip.
+define apt_install
+	@if ! { $(1); }; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2); \
+	  else \
+	    echo "note: $(3) missing and apt-get needs root; $(4) will be skipped"; \
+	  fi; \
+	fi
+endef
+
 # The end-to-end page test drives Debian's Chromium (Playwright's own browser download cannot work offline).
 browser:
-	@if [ ! -x /usr/bin/chromium ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      chromium chromium-driver; \
-	  else \
-	    echo "note: /usr/bin/chromium is missing and apt-get needs root; the browser test will be skipped"; \
-	  fi; \
-	fi
+	$(call apt_install,[ -x /usr/bin/chromium ],chromium chromium-driver,/usr/bin/chromium is,the browser test)
 
 # The PACS tests run `covidcxr pacs` against a real Orthanc with its DICOMweb plugin (Debian packages).
+ORTHANC_PRESENT = { command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ]; } && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1
 orthanc:
-	@if ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ] || \
-	    ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so* >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      orthanc orthanc-dicomweb; \
-	  else \
-	    echo "note: Orthanc or its DICOMweb plugin is missing and apt-get needs root; the PACS tests will be skipped"; \
-	  fi; \
-	fi
+	$(call apt_install,$(ORTHANC_PRESENT),orthanc orthanc-dicomweb,Orthanc or its DICOMweb plugin is,the PACS tests)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
