@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 import covidcxr.retrieval.index as index_mod
+import covidcxr.retrieval.storage as storage_mod
 from covidcxr.errors import CaseIndexError, ConfigError, IndexMismatchError, NotFittedError
 from covidcxr.retrieval.index import CaseIndex, Match
 from covidcxr.retrieval.metrics import knn_vote_scores, retrieval_metrics
@@ -352,13 +353,13 @@ def test_backup_is_kept_while_it_is_the_only_index(tmp_path, data):
 def test_save_names_its_temporary_directory_after_the_process(tmp_path, data, monkeypatch):
     x, meta = data
     seen = []
-    real_swap = index_mod._swap_in
+    real_swap = storage_mod._swap_in
 
     def spy(tmp: Path, directory: Path) -> None:
         seen.append(tmp.name)
         real_swap(tmp, directory)
 
-    monkeypatch.setattr(index_mod, "_swap_in", spy)
+    monkeypatch.setattr(storage_mod, "_swap_in", spy)  # the swap of storage.staged_index
     CaseIndex(kind="exact").fit(x[:50], meta[:50]).save(tmp_path / "idx")
     assert len(seen) == 1 and seen[0].startswith(f".idx.tmp-{os.getpid()}-")
 

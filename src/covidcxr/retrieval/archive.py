@@ -13,8 +13,6 @@ leaves a half index under the target name. No torch here.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidcxr.errors import CaseIndexError, ConfigError
+from covidcxr.errors import ConfigError
 from covidcxr.retrieval import compressed, shards
 from covidcxr.retrieval.index import CaseIndex, _check_embeddings, _project
 from covidcxr.retrieval.metadata import MetadataWriter
@@ -32,13 +30,11 @@ from covidcxr.retrieval.storage import (
     INDEX_FILE,
     METADATA_FILE,
     PCA_FILE,
-    _fsync_dir,
     _fsync_file,
     _import_faiss,
-    _remove_stale,
-    _swap_in,
-    _tmp_prefix,
     _write_header,
+    check_replaceable,
+    staged_index,
 )
 
 log = logging.getLogger(__name__)
@@ -73,9 +69,7 @@ def build_streaming(
         raise ConfigError(f"a streamed build makes an ivfpq index; kind={index.kind!r} is fitted in memory instead")
     index.set_params(kind="ivfpq")
     directory = Path(directory)
-    if directory.exists() and not (directory / HEADER_FILE).is_file() and (
-            directory.is_file() or any(directory.iterdir())):
-        raise CaseIndexError(f"{directory}: exists and is not a case index (no {HEADER_FILE}); refusing to replace it")
+    check_replaceable(directory)  # before the slow training
     x = index._normalise(_check_embeddings(sample, "sample"), "sample")
     dim = x.shape[1]
     pca = index._fit_pca(x) if index.pca_dim is not None else None
@@ -84,10 +78,7 @@ def build_streaming(
     faiss_index = index.new_ivfpq(xs.shape[1], int(n_total))
     faiss_index.train(xs)
     log.info("trained ivfpq quantisers on %d sampled cases in %.1f s", len(xs), time.perf_counter() - t0)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=directory.parent))
-    try:
-        _remove_stale(directory, in_flight=tmp)
+    with staged_index(directory) as tmp:
         with compressed.native_stdout_to_stderr():
             compressed.ondisk_lists(faiss_index, tmp / _BUILDING_FILE)
         vectors = None
@@ -124,11 +115,6 @@ def build_streaming(
         header = index.header_for(dim=dim, index_dim=xs.shape[1], kind="ivfpq", count=pos, pca=pca is not None,
                                   vectors=bool(index.rerank))
         _write_header(tmp / HEADER_FILE, header)
-        _fsync_dir(tmp)
-        _swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved ivfpq index of %d cases to %s", pos, directory)
     return CaseIndex.load(directory)
 

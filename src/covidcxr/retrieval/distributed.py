@@ -48,19 +48,6 @@ class EmbedSummary:
     rank: int = 0
 
 
-class _Shards(torch.utils.data.Dataset):
-    """Every shard number (done ones are skipped in ``predict_step``, so all ranks see the same list)."""
-
-    def __init__(self, n_shards: int) -> None:
-        self.n = n_shards
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
 def _first(batch: list[int]) -> int:
     return batch[0]
 
@@ -183,7 +170,8 @@ def embed_to_shards(
         strategy = "ddp"
     module = ShardEmbedder(model_dir, rows, plan, out, batch_size=batch_size, num_workers=num_workers,
                            skip_bad=skip_bad)
-    loader = torch.utils.data.DataLoader(_Shards(plan.n_shards), batch_size=1, collate_fn=_first, num_workers=0)
+    # Every shard number on every rank (done ones are skipped in predict_step), so all ranks split one list.
+    loader = torch.utils.data.DataLoader(range(plan.n_shards), batch_size=1, collate_fn=_first, num_workers=0)
     t0 = time.perf_counter()
     with lightning_output():
         trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,14 +60,13 @@ from covidcxr.retrieval.storage import (
     METADATA_FILE,
     PCA_FILE,
     _backup_path,
-    _fsync_dir,
     _fsync_file,
     _import_faiss,
     _remove_stale,
-    _swap_in,
-    _tmp_prefix,
     _write_faiss,
     _write_header,
+    check_replaceable,
+    staged_index,
 )
 
 logger = logging.getLogger(__name__)
@@ -507,15 +505,9 @@ class CaseIndex:
         """
         self._check_fitted()
         directory = Path(directory)
-        if (directory.exists() and not (directory / HEADER_FILE).is_file()
-                and (directory.is_file() or any(directory.iterdir()))):
-            raise CaseIndexError(f"{directory}: exists and is not a case index (no {HEADER_FILE}); refusing to "
-                              "replace it")
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        check_replaceable(directory)
         faiss = _import_faiss()
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=directory.parent))
-        try:
-            _remove_stale(directory, in_flight=tmp)  # what killed saves left (never our own tmp)
+        with staged_index(directory) as tmp:
             if self.kind_ == "ivfpq":
                 compressed.write_ondisk(self.index_, tmp, INDEX_FILE)
             else:
@@ -531,11 +523,6 @@ class CaseIndex:
             else:
                 _write_metadata(tmp / METADATA_FILE, self.metadata_)
             _write_header(tmp / HEADER_FILE, self._header())  # last: a header means the rest is complete
-            _fsync_dir(tmp)
-            _swap_in(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         logger.info("saved %s index of %d cases to %s", self.kind_, len(self), directory)
         return directory
 

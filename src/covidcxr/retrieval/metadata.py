@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,37 +251,32 @@ class SqliteCases:
             logger.warning("%s: reading all %d metadata rows into memory", self.path, self._n)
         return _read_metadata(self.path)
 
-    def _query(self, sql: str, rows: Sequence[int]) -> dict[int, tuple]:
-        found: dict[int, tuple] = {}
+    def _in(self, sql: str, values: Sequence[Any]) -> Iterator[tuple]:
+        """Rows of ``sql`` (with ``{marks}`` for an ``IN (...)`` list) over ``values``, in chunks of 900.
+
+        SQLite's default limit on bound parameters is 999.
+        """
         con = self._con()
-        for i in range(0, len(rows), 900):  # SQLite's default limit on bound parameters is 999
-            part = [int(r) for r in rows[i:i + 900]]
-            marks = ",".join("?" * len(part))
-            for rec in con.execute(sql.format(marks=marks), part):
-                found[rec[0]] = rec[1:]
-        return found
+        for i in range(0, len(values), 900):
+            part = list(values[i:i + 900])
+            yield from con.execute(sql.format(marks=",".join("?" * len(part))), part)
 
     def patient_count(self, patients: Iterable[str]) -> int:
         """Number of cases that belong to any of ``patients`` (uses the ``patient_id`` index)."""
-        ids = list(patients)
-        if not ids:
-            return 0
-        con, total = self._con(), 0
-        for i in range(0, len(ids), 900):
-            part = ids[i:i + 900]
-            total += con.execute(f"SELECT count(*) FROM cases WHERE patient_id IN ({','.join('?' * len(part))})",
-                                 part).fetchone()[0]
-        return int(total)
+        return int(sum(r[0] for r in self._in("SELECT count(*) FROM cases WHERE patient_id IN ({marks})",
+                                              list(patients))))
 
     def patients(self, rows: Sequence[int]) -> list[str]:
         """Patient id of each row."""
-        found = self._query("SELECT row_id, patient_id FROM cases WHERE row_id IN ({marks})", rows)
-        return [str(found[int(r)][0]) for r in rows]
+        found = dict(self._in("SELECT row_id, patient_id FROM cases WHERE row_id IN ({marks})",
+                              [int(r) for r in rows]))
+        return [str(found[int(r)]) for r in rows]
 
     def records(self, rows: Sequence[int]) -> list[dict[str, Any]]:
         """``case_id``, ``patient_id``, ``label`` and the other columns of each row."""
         cols = ", ".join(_quote(c) for c in (*REQUIRED_COLUMNS, *self._extra))
-        found = self._query(f"SELECT row_id, {cols} FROM cases WHERE row_id IN ({{marks}})", rows)
+        found = {rec[0]: rec[1:] for rec in self._in(f"SELECT row_id, {cols} FROM cases WHERE row_id IN ({{marks}})",
+                                                     [int(r) for r in rows])}
         out = []
         for r in rows:
             rec = found[int(r)]
@@ -291,12 +286,7 @@ class SqliteCases:
 
     def existing(self, case_ids: Iterable[str]) -> set[str]:
         """Those of ``case_ids`` already in the index (uses the ``case_id`` index)."""
-        ids, con, found = list(case_ids), self._con(), set()
-        for i in range(0, len(ids), 900):
-            part = ids[i:i + 900]
-            found |= {r[0] for r in con.execute(
-                f"SELECT case_id FROM cases WHERE case_id IN ({','.join('?' * len(part))})", part)}
-        return found
+        return {r[0] for r in self._in("SELECT case_id FROM cases WHERE case_id IN ({marks})", list(case_ids))}
 
     def label_counts(self) -> dict[str, int]:
         """Cases per label (one SQL aggregate)."""

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from covidcxr.errors import CaseIndexError
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +159,37 @@ def _swap_in(tmp: Path, directory: Path) -> None:
     os.replace(tmp, directory)
     _fsync_dir(directory.parent)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def check_replaceable(directory: Path) -> None:
+    """Refuse a target that exists and is not a case index: it is never overwritten.
+
+    Raises:
+        CaseIndexError: ``directory`` is a file, or a non-empty folder without ``header.json``.
+    """
+    if (directory.exists() and not (directory / HEADER_FILE).is_file()
+            and (directory.is_file() or any(directory.iterdir()))):
+        raise CaseIndexError(f"{directory}: exists and is not a case index (no {HEADER_FILE}); refusing to "
+                             "replace it")
+
+
+@contextlib.contextmanager
+def staged_index(directory: Path) -> Iterator[Path]:
+    """A temporary folder beside ``directory`` to write a whole index into, swapped in when the block succeeds.
+
+    What killed saves left beside the index is removed first (never this block's folder); on any error the
+    temporary folder is removed and ``directory`` is untouched. The caller writes the header last.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(directory), dir=directory.parent))
+    try:
+        _remove_stale(directory, in_flight=tmp)
+        yield tmp
+        _fsync_dir(tmp)
+        _swap_in(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _import_faiss() -> Any:

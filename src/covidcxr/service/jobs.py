@@ -245,9 +245,8 @@ def index_from_shards(embeddings: str | Path, out: str | Path, *, force: bool = 
     """
     from covidcxr.retrieval.archive import build_from_shards
     from covidcxr.retrieval.index import CaseIndex
-    from covidcxr.retrieval.workflow import check_index_out
 
-    check_index_out(Path(out), force)
+    check_index_target(out, force)
     return build_from_shards(embeddings, out, index=CaseIndex(kind=kind, **settings))
 
 
