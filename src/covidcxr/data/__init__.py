@@ -15,6 +15,13 @@ from covidcxr.data.manifest import (
     validate_manifest,
     write_manifest,
 )
-from covidcxr.data.split import patient_groups, patient_split, select_split, split_balance
+from covidcxr.data.split import (
+    crossval_folds,
+    leave_out_folds,
+    patient_groups,
+    patient_split,
+    select_split,
+    split_balance,
+)
 
-__all__ = ["IMAGE_SUFFIXES", "REQUIRED_COLUMNS", "as_flags", "both_label_mask", "check_output_path", "find_near_duplicates", "image_thumbnails", "manifest_from_folder", "patient_groups", "patient_split", "read_manifest", "select_split", "split_balance", "summarize", "validate_manifest", "write_manifest"]
+__all__ = ["IMAGE_SUFFIXES", "REQUIRED_COLUMNS", "as_flags", "both_label_mask", "check_output_path", "crossval_folds", "leave_out_folds", "find_near_duplicates", "image_thumbnails", "manifest_from_folder", "patient_groups", "patient_split", "read_manifest", "select_split", "split_balance", "summarize", "validate_manifest", "write_manifest"]

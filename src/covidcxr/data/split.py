@@ -210,3 +210,74 @@ def select_split(df: pd.DataFrame, split: str | None, source: str | Path | None 
     out = out.reset_index(drop=True)
     out.attrs = dict(df.attrs)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cross-validation folds
+# ---------------------------------------------------------------------------------------------------------
+
+
+def crossval_folds(
+    df: pd.DataFrame,
+    k: int = 5,
+    group_col: str | None = None,
+    stratify_cols: tuple[str, ...] = ("label", "source"),
+    seed: int = 0,
+) -> np.ndarray:
+    """Assign every row to one of ``k`` folds; linked patient groups never straddle folds.
+
+    Folds are stratified by the combination of ``stratify_cols`` (label x source by default, columns that are
+    missing are skipped) with scikit-learn's ``StratifiedGroupKFold`` over the groups of :func:`patient_groups`.
+
+    Args:
+        df: Manifest table with ``patient_id`` and ``label``.
+        k: Number of folds (>= 2).
+        group_col: Extra grouping column (e.g. ``split_group``) whose equal values share a fold.
+        stratify_cols: Columns whose joint value is spread evenly over the folds.
+        seed: Shuffle seed; the same table and seed give the same folds.
+
+    Returns:
+        int array (one per row) of fold numbers in ``[0, k)``.
+
+    Raises:
+        SplitError: ``k`` below 2, or fewer linked groups than folds.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 2:
+        raise SplitError(f"k must be an integer >= 2, got {k!r}")
+    groups = patient_groups(df, group_col)
+    n_groups = len(np.unique(groups))
+    if n_groups < k:
+        raise SplitError(f"too few patients: {n_groups} linked patient group(s) cannot fill {k} folds")
+    cols = [c for c in stratify_cols if c in df.columns]
+    strata = _text(df[cols[0]]) if cols else pd.Series([""] * len(df), index=df.index)
+    for c in cols[1:]:
+        strata = strata + "|" + _text(df[c])
+    codes = pd.factorize(strata)[0]
+    fold = np.full(len(df), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=int(seed))
+    for f, (_, test_idx) in enumerate(splitter.split(np.zeros(len(df)), codes, groups)):
+        fold[test_idx] = f
+    return fold
+
+
+def leave_out_folds(df: pd.DataFrame, col: str) -> tuple[np.ndarray, list[str]]:
+    """One fold per distinct non-empty value of ``col`` (leave-one-group-out: a site, a ``location``).
+
+    Rows with an empty ``col`` are never held out (fold -1: they are always trained on).
+
+    Returns:
+        (fold per row, the held-out value of each fold).
+
+    Raises:
+        SplitError: ``col`` missing or holding fewer than two distinct values.
+    """
+    if col not in df.columns:
+        raise SplitError(f"column {col!r} not in manifest (columns: {', '.join(map(str, df.columns))})")
+    values = _text(df[col])
+    names = sorted(set(values) - {""})
+    if len(names) < 2:
+        raise SplitError(f"column {col!r} has {len(names)} distinct non-empty value(s); leave-one-out needs >= 2")
+    index = {v: i for i, v in enumerate(names)}
+    return np.array([index.get(v, -1) for v in values], dtype=np.int64), names
