@@ -113,6 +113,13 @@ def train(manifest: str | Path, out: str | Path, *, resume: bool = False, force:
     return fit_classifier(manifest, out, resume=resume, force=force, **settings)
 
 
+def crossval(manifest: str | Path, out: str | Path, **options: Any) -> Any:
+    """Cross-validate a classifier (:func:`covidcxr.classification.crossval.run_crossval`); its ``CrossvalResult``."""
+    from covidcxr.classification.crossval import run_crossval
+
+    return run_crossval(manifest, out, **options)
+
+
 def ensemble(models: Sequence[str | Path], out: str | Path, *, weighted: bool = False,
              force: bool = False) -> tuple[Path, dict[str, Any]]:
     """Average classifier artifacts into one ensemble artifact; returns ``(out, its config)``."""
