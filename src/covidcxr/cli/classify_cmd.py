@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from covidcxr.cli._model import MODEL_HELP, decode_threads, model_dir
 from covidcxr.errors import ConfigError
 from covidcxr.vocab import INTENSITY_MODES, SEG_MODES
+
+log = logging.getLogger(__name__)
 
 # Choices spelled here so that building the parser (``covidcxr --help``) imports no torch; the library owns the
 # values (classification.train, models.registry) and tests/test_cli_help.py checks that both agree.
@@ -178,7 +181,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     result = jobs.predict_files(args.images, args.model, device=args.device, batch_size=args.batch_size,
                                 num_workers=available_cpus(), dicom_out=args.dicom_out)
     table = result.table
-    rich_table = Table(title=f"{args.model} (threshold {result.threshold:.3f})")
+    log.info("model %s: %s", args.model, result.honest_estimate)
+    rich_table = Table(title=f"{args.model} (threshold {result.threshold:.3f}; {result.honest_estimate})")
     for col in ("image", "P(covid)", "label", "QC"):
         rich_table.add_column(col, justify="right" if col == "P(covid)" else "left")
     for row in table.itertuples(index=False):
