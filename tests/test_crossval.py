@@ -123,6 +123,19 @@ def test_occupied_out_is_refused_and_nothing_is_lost(run: Path, cohort: Path, ca
     assert (run / "oof.csv").read_bytes() == before
 
 
+def test_leave_one_source_out(cohort: Path, tmp_path: Path) -> None:
+    out = tmp_path / "loso"
+    assert main(["crossval", "--manifest", str(cohort), "--out", str(out), "--leave-out-col", "source", *TINY,
+                 "--no-ensemble"]) == 0
+    oof = pd.read_csv(out / "oof.csv")
+    summary = json.loads((out / "crossval.json").read_text())
+    assert len(oof) == len(pd.read_csv(cohort)) and summary["kind"] == "leave-one-source-out"
+    assert oof.groupby("source")["fold"].nunique().max() == 1 and oof["fold"].nunique() == 3
+    assert set(oof["held_out"]) == {f"source={s}" for s in oof["source"].unique()}
+    assert summary["source_probe"] is None  # each fold model saw one source only: no probe within a fold
+    assert not (out / "ensemble").exists()
+
+
 def test_resume_without_a_plan_is_refused(cohort: Path, tmp_path: Path) -> None:
     from covidcxr.classification.crossval import run_crossval
 

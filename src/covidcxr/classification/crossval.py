@@ -133,7 +133,7 @@ def _plan(df: pd.DataFrame, name: str, digest: str, folds: np.ndarray, fold_name
           group_col: str | None, leave_out_col: str | None, seed: int, cfg: TrainConfig) -> dict[str, Any]:
     settings = {key: v for key, v in cfg.to_dict().items() if key not in _RUN_ONLY}
     return {"plan_version": PLAN_VERSION, "manifest": name, "manifest_sha256": digest, "n_rows": len(df),
-            "k": len(fold_names), "folds_asked": k, "group_col": group_col, "leave_out_col": leave_out_col,
+            "k": len(fold_names), "folds_asked": None if leave_out_col else k, "group_col": group_col, "leave_out_col": leave_out_col,
             "seed": seed, "fold_names": fold_names,
             "folds_sha256": hashlib.sha256(np.ascontiguousarray(folds).tobytes()).hexdigest(),
             "settings": settings}
