@@ -105,7 +105,7 @@ def models(make_tiny_artifact, tmp_path_factory) -> dict[str, Path]:
 def test_predict_header_states_the_estimate(models, synth_cohort: Path, capsys, which: str, expected: str) -> None:
     from covidcxr.cli import main
 
-    image = sorted((synth_cohort.parent / "images").glob("*.png"))[0]
+    image = min((synth_cohort.parent / "images").glob("*.png"))
     assert main(["predict", str(image), "--model", str(models[which]), "--device", "cpu"]) == 0
     printed = " ".join(capsys.readouterr().out.split())  # the table title may wrap
     assert expected in printed
