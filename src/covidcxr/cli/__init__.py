@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "covidcxr.cli.data_cmd",
     "covidcxr.cli.segment_cmd",
     "covidcxr.cli.classify_cmd",
+    "covidcxr.cli.crossval_cmd",
     "covidcxr.cli.index_cmd",
     "covidcxr.cli.serve_cmd",
     "covidcxr.cli.pacs_cmd",

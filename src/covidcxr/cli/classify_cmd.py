@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from covidcxr.cli._model import MODEL_HELP, decode_threads, model_dir
 from covidcxr.errors import ConfigError
 from covidcxr.vocab import INTENSITY_MODES, SEG_MODES
+
+log = logging.getLogger(__name__)
 
 # Choices spelled here so that building the parser (``covidcxr --help``) imports no torch; the library owns the
 # values (classification.train, models.registry) and tests/test_cli_help.py checks that both agree.
@@ -52,6 +55,44 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--manifest", type=Path, required=True, help="manifest CSV (its 'split' column is used if present)")
     p.add_argument("--out", type=Path, required=True, help="run folder = model artifact")
+    _training_options(p)
+    p.add_argument("--group-col", default=None, help="column kept together when making the split (split_group)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/last.ckpt")
+    p.add_argument("--force", action="store_true", help="reuse a non-empty --out (its previous run files go)")
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("predict", help="probability and label per image with a model artifact")
+    p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG/TIFF/DICOM files")
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
+    p.add_argument("--out", type=Path, default=None, help="also write predictions to .csv or .json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                   help="for DICOM inputs, also write the result SR and heat-map Secondary Capture (as `pacs run` "
+                        "stores them) into DIR, to push with your own DICOM tools")
+    p.set_defaults(func=_cmd_predict)
+
+    p = subparsers.add_parser("evaluate", help="predict a manifest split and report metrics with patient-bootstrap CIs")
+    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--split", default="test", help="rows of this split (default test; 'all' = every row)")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plots and reports")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default: one per CPU)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = subparsers.add_parser("ensemble", help="average classifier artifacts into one ensemble artifact")
+    p.add_argument("--models", type=Path, nargs="+", required=True, help="two or more model artifact folders")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--weighted", action="store_true", help="weight members by their validation ROC AUC")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_cmd_ensemble)
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    """The training settings shared by ``train`` and ``crossval`` (:class:`TrainConfig` fields)."""
     p.add_argument("--arch", default="resnet50", help=ARCH_HELP)
     p.add_argument("--pretrained", default="none", help="imagenet | none | PATH to a state dict (default none)")
     p.add_argument("--seg", dest="seg_mode", default="none", choices=SEG_MODES,
@@ -95,40 +136,7 @@ def register(subparsers: Any) -> None:
                         "default, falls back to all when too few) or all")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="skip temperature scaling on validation")
-    p.add_argument("--group-col", default=None, help="column kept together when making the split (split_group)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoints/last.ckpt")
-    p.add_argument("--force", action="store_true", help="reuse a non-empty --out (its previous run files go)")
-    p.set_defaults(func=_cmd_train)
-
-    p = subparsers.add_parser("predict", help="probability and label per image with a model artifact")
-    p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG/TIFF/DICOM files")
-    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
-    p.add_argument("--out", type=Path, default=None, help="also write predictions to .csv or .json")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
-                   help="for DICOM inputs, also write the result SR and heat-map Secondary Capture (as `pacs run` "
-                        "stores them) into DIR, to push with your own DICOM tools")
-    p.set_defaults(func=_cmd_predict)
-
-    p = subparsers.add_parser("evaluate", help="predict a manifest split and report metrics with patient-bootstrap CIs")
-    p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
-    p.add_argument("--manifest", type=Path, required=True)
-    p.add_argument("--split", default="test", help="rows of this split (default test; 'all' = every row)")
-    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plots and reports")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default: one per CPU)")
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = subparsers.add_parser("ensemble", help="average classifier artifacts into one ensemble artifact")
-    p.add_argument("--models", type=Path, nargs="+", required=True, help="two or more model artifact folders")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--weighted", action="store_true", help="weight members by their validation ROC AUC")
-    p.add_argument("--force", action="store_true")
-    p.set_defaults(func=_cmd_ensemble)
 
 
 def _console() -> Any:
@@ -173,7 +181,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     result = jobs.predict_files(args.images, args.model, device=args.device, batch_size=args.batch_size,
                                 num_workers=available_cpus(), dicom_out=args.dicom_out)
     table = result.table
-    rich_table = Table(title=f"{args.model} (threshold {result.threshold:.3f})")
+    log.info("model %s: %s", args.model, result.honest_estimate)
+    rich_table = Table(title=f"{args.model} (threshold {result.threshold:.3f}; {result.honest_estimate})")
     for col in ("image", "P(covid)", "label", "QC"):
         rich_table.add_column(col, justify="right" if col == "P(covid)" else "left")
     for row in table.itertuples(index=False):

@@ -60,6 +60,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--dicom-fraction", type=float, default=0.3, help="share of images written as DICOM")
+    p.add_argument("--plant-marker", type=float, default=0.0, metavar="STRENGTH",
+                   help="plant a shortcut, STRENGTH in [0, 1]: each site's images carry its own burned-in mark and "
+                        "the sites' COVID-19 prevalence is pushed apart (0.85 / 0.10 / 0.40 at 1), so a model can "
+                        "score by the mark (default 0: none)")
     p.set_defaults(func=_cmd_synth)
 
 
@@ -193,7 +197,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from covidcxr.data.synth import make_cohort
 
     manifest = make_cohort(
-        args.out, n_patients=args.patients, seed=args.seed, size=args.size, dicom_fraction=args.dicom_fraction
+        args.out, n_patients=args.patients, seed=args.seed, size=args.size, dicom_fraction=args.dicom_fraction,
+        plant_marker=args.plant_marker,
     )
     console = _console()
     _print_table(console, summarize(read_manifest(manifest)), f"{manifest}")

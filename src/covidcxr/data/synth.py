@@ -40,6 +40,11 @@ SOURCES = {
     "synth-siteB": (0.35, {"gamma": 0.15, "noise": 1.6, "contrast": 0.9}),
     "synth-siteC": (0.40, {"gamma": -0.1, "noise": 0.7, "contrast": 1.1}),
 }
+# With a planted marker (``make_cohort(plant_marker=s)``) the covid prevalence of each site moves a share ``s`` of
+# the way to these values, and every image of a site carries that site's burned-in mark: a shortcut to the label.
+MARKER_PREVALENCE = {"synth-siteA": 0.85, "synth-siteB": 0.10, "synth-siteC": 0.40}
+# (row, column) corner of each site's mark, in image-fraction units (outside the lung fields).
+MARKER_CORNERS = {"synth-siteA": (0.03, 0.03), "synth-siteB": (0.03, 0.79), "synth-siteC": (0.88, 0.03)}
 _NON_COVID_KINDS = ("clear", "consolidation", "cardiomegaly")
 _NON_COVID_P = (0.5, 0.25, 0.25)
 
@@ -320,6 +325,7 @@ def make_cohort(
     seed: int = 0,
     size: int = 256,
     dicom_fraction: float = 0.3,
+    plant_marker: float = 0.0,
 ) -> Path:
     """Write a synthetic cohort (images, lung masks, manifest) for demos and tests.
 
@@ -334,6 +340,10 @@ def make_cohort(
         seed: Seed; the same seed gives identical pixel arrays.
         size: Image size in pixels.
         dicom_fraction: Share of images written as DICOM, in ``[0, 1]``.
+        plant_marker: Strength in ``[0, 1]`` of a planted shortcut: above 0 every image of a site carries the
+            site's burned-in mark (:func:`plant_site_marker`), and each site's covid prevalence moves this share of
+            the way to :data:`MARKER_PREVALENCE` (0.85 / 0.10 / 0.40), so the mark predicts the label. 0 leaves
+            the cohort exactly as without it.
 
     Returns:
         Path of ``manifest.csv`` (columns ``image,mask,label,patient_id,source,view,study_date``; paths relative
@@ -346,6 +356,8 @@ def make_cohort(
         raise ConfigError(f"n_patients={n_patients}: must be at least 1")
     if not 0.0 <= dicom_fraction <= 1.0:
         raise ConfigError(f"dicom_fraction={dicom_fraction}: must be in [0, 1]")
+    if not isinstance(plant_marker, int | float) or isinstance(plant_marker, bool) or not 0.0 <= plant_marker <= 1.0:
+        raise ConfigError(f"plant_marker={plant_marker!r}: must be a number in [0, 1]")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -355,6 +367,7 @@ def make_cohort(
         rng = np.random.default_rng([seed, p])  # per-patient stream: patients do not depend on each other
         source = names[p % len(names)]
         prevalence, style = SOURCES[source]
+        prevalence += plant_marker * (MARKER_PREVALENCE[source] - prevalence)
         label = LABELS[int(rng.random() < prevalence)]
         anatomy = sample_anatomy(rng)
         pid = f"P{p:04d}"
@@ -364,6 +377,8 @@ def make_cohort(
         for k in range(int(rng.integers(1, 4))):
             view = "AP" if rng.random() < ap_bias else "PA"
             image, mask, _ = draw_cxr(rng, label, size, view=view, anatomy=anatomy, style=style)
+            if plant_marker > 0:
+                image = plant_site_marker(image, source)
             stem = f"{pid}_{k + 1:02d}"
             mask_rel = f"masks/{stem}.png"
             save_png(out / mask_rel, mask * np.uint8(255))
@@ -394,6 +409,34 @@ def make_cohort(
     n_covid = sum(r["label"] == "covid" for r in rows)
     logger.info("wrote %d images of %d patients (%d covid) to %s", len(rows), n_patients, n_covid, out)
     return manifest
+
+
+def plant_site_marker(image: np.ndarray, source: str) -> np.ndarray:
+    """Burn a site's mark into an image: a bright block of text-like bars at the site's corner (outside the lungs).
+
+    Args:
+        image: float32 image in ``[0, 1]``.
+        source: One of :data:`SOURCES`.
+
+    Returns:
+        A marked copy.
+
+    Raises:
+        ConfigError: Unknown source.
+    """
+    if source not in MARKER_CORNERS:
+        raise ConfigError(f"source={source!r}: no marker for it (sites: {', '.join(MARKER_CORNERS)})")
+    out = np.array(image, dtype=np.float32, copy=True)
+    n = out.shape[0]
+    top, left = (round(f * n) for f in MARKER_CORNERS[source])
+    height, width = max(4, n // 12), max(6, n * 3 // 16)
+    block = out[top:top + height, left:left + width]
+    block[:] = 0.15
+    bar = max(1, height // 4)
+    for row in range(0, height, 2 * bar):  # bars of decreasing length read like a burned-in text label
+        length = max(2, width - (row // (2 * bar)) * width // 4)
+        block[row:row + bar, :length] = 1.0
+    return out
 
 
 def _write_synth_dicom(rng, path, image, view, pid, study_date, uid_key) -> None:

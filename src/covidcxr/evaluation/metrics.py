@@ -24,6 +24,7 @@ from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_s
 
 from covidcxr.data.manifest import both_label_mask
 from covidcxr.errors import ConfigError
+from covidcxr.evaluation.honest import shortcut_warnings
 from covidcxr.vocab import LABELS
 
 logger = logging.getLogger(__name__)
@@ -414,6 +415,7 @@ def evaluate_predictions(
     n_boot: int = 1000,
     seed: int = 0,
     title: str = "",
+    source_probe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a table of predictions: metrics with patient-bootstrap CIs overall, per source and per view.
 
@@ -429,11 +431,13 @@ def evaluate_predictions(
         n_boot: Bootstrap replicates per group.
         seed: Bootstrap seed (the same for every group, so results are reproducible).
         title: Title of the report.
+        source_probe: A :func:`covidcxr.evaluation.probe.source_probe` result to report (and warn on).
 
     Returns:
         ``{"overall": {metric: {"value", "ci"}}, "per_source": {source: {...}}, "per_view": {view: {...}},
         "both_label_sources": {...} or None, "both_label_source_names": [...], "threshold", "n_images",
-        "n_patients", "ece", "n_boot", "seed", "title"}``; counts have ``"ci": None``; when ``out_dir`` is
+        "n_patients", "ece", "n_boot", "seed", "title", "source_probe", "warnings"}`` (``warnings``: see
+        :func:`covidcxr.evaluation.honest.shortcut_warnings`, also logged); counts have ``"ci": None``; when ``out_dir`` is
         given also ``"files": {name: path}``. Undefined values are NaN (``null`` in ``metrics.json``).
 
     Raises:
@@ -471,6 +475,10 @@ def evaluate_predictions(
     both_mask, both_names = both_label_mask(data, label_col="y")
     result["both_label_source_names"] = both_names
     result["both_label_sources"] = block(both_mask) if both_mask is not None and both_mask.any() else None
+    result["source_probe"] = source_probe
+    result["warnings"] = shortcut_warnings(result, source_probe)
+    for warning in result["warnings"]:
+        logger.warning("%s%s", f"{title}: " if title else "", warning)
 
     if out_dir is not None:
         from covidcxr.evaluation.report import write_report

@@ -79,14 +79,14 @@ def format_metrics_table(result: Mapping[str, Any]) -> str:
         result: The dict returned by :func:`evaluate_predictions`.
 
     Returns:
-        The Markdown table (no trailing newline).
+        The Markdown table (no trailing newline), after one ``WARNING:`` line per shortcut warning.
 
     Raises:
         ConfigError: If ``result`` lacks the ``overall`` block.
     """
     if not isinstance(result, Mapping) or "overall" not in result:
         raise ConfigError("format_metrics_table needs the dict returned by evaluate_predictions (no 'overall' key)")
-    return _markdown(*_table(_group_rows(result)))
+    return "\n".join([*_warning_lines(result), _markdown(*_table(_group_rows(result)))])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +182,21 @@ def _summary_lines(result: Mapping[str, Any]) -> list[tuple[str, str]]:
             if result.get("ece_uncalibrated") is not None else "")),
         ("bootstrap", f"{result['n_boot']} patient-level replicates, seed {result['seed']}, 95 % percentile CI"),
         ("sources with both labels", ", ".join(both) if both else "-"),
+        *_probe_line(result),
     ]
+
+
+def _probe_line(result: Mapping[str, Any]) -> list[tuple[str, str]]:
+    probe = result.get("source_probe")
+    if not probe:
+        return []
+    text = (f"ROC AUC {_fmt(probe['roc_auc'])}, accuracy {_fmt(probe['accuracy'])} (chance "
+            f"{_fmt(probe['chance_accuracy'])}), {probe['n']} images, {probe['n_sources']} sources")
+    return [("source probe (held-out logistic regression on embeddings)", text)]
+
+
+def _warning_lines(result: Mapping[str, Any]) -> list[str]:
+    return [f"WARNING: {w}" for w in result.get("warnings") or []]
 
 
 def _overall_rows(overall: Mapping[str, Any]) -> list[list[str]]:
@@ -210,6 +224,7 @@ def _report_sections(result: Mapping[str, Any]) -> list[tuple[str, list[str], li
 def _write_markdown(path: Path, result: Mapping[str, Any]) -> None:
     title = result.get("title") or "covidcxr evaluation"
     parts = [f"# {title}", ""]
+    parts += [f"> **{w}**" for w in _warning_lines(result)] + ([""] if _warning_lines(result) else [])
     parts += [f"- **{k}**: {v}" for k, v in _summary_lines(result)]
     parts.append("")
     for heading, header, body in _report_sections(result):
@@ -241,7 +256,9 @@ def _write_html(path: Path, result: Mapping[str, Any]) -> None:
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{title}</title>",
         _CSS,
-        f"</head><body><h1>{title}</h1><ul>",
+        f"</head><body><h1>{title}</h1>",
+        *(f'<p class="warning"><b>{html.escape(w)}</b></p>' for w in _warning_lines(result)),
+        "<ul>",
     ]
     parts += [f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in _summary_lines(result)]
     parts.append("</ul>")

@@ -158,7 +158,9 @@ class CaseService:
 
     @property
     def model_info(self) -> dict[str, Any]:
-        """Model identity shown with every result."""
+        """Model identity shown with every result, with its honest (out-of-fold, two-label) estimate."""
+        from covidcxr.evaluation.honest import describe_honest_estimate
+
         cfg = self.artifact.config
         members = getattr(self.artifact, "members", None)
         return {
@@ -169,6 +171,8 @@ class CaseService:
             "seg_mode": getattr(self.artifact, "seg_mode", cfg.get("seg_mode")),
             "trained_with": cfg.get("package_version"),
             "package_version": __version__,
+            "honest_estimate": describe_honest_estimate(cfg),
+            "honest_estimate_record": cfg.get("honest_estimate"),
         }
 
     def health(self, full: bool = True) -> dict[str, Any]:

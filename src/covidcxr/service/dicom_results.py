@@ -99,14 +99,18 @@ class ModelIdentity:
     name: str
     version: str
     weights_hash: str
+    honest_estimate: str = ""
 
     @classmethod
     def from_artifact(cls, artifact: Any) -> ModelIdentity:
-        """Name (architecture), version (first 12 hex of the weights hash) and hash of a loaded artifact."""
+        """Name (architecture), version (first 12 hex of the weights hash), hash and honest estimate of a loaded
+        artifact (:func:`covidcxr.evaluation.honest.describe_honest_estimate`)."""
+        from covidcxr.evaluation.honest import describe_honest_estimate
+
         members = getattr(artifact, "members", None) or []
         arch = "+".join(str(m.config.get("arch", "?")) for m in members) or str(artifact.config.get("arch", "?"))
         return cls(name=f"covidcxr COVID-19 classifier ({arch})"[:64], version=artifact.weights_hash[:12],
-                   weights_hash=artifact.weights_hash)
+                   weights_hash=artifact.weights_hash, honest_estimate=describe_honest_estimate(artifact.config))
 
 
 @dataclass
@@ -232,7 +236,9 @@ def build_sr(source: Any, result: DicomResult, model: ModelIdentity, *, generati
     sop = str(source.SOPInstanceUID)
     algorithm = AlgorithmIdentification(name=model.name, version=model.version,
                                         parameters=[f"weights_sha256={model.weights_hash}",
-                                                    f"covidcxr={__version__}"])
+                                                    f"covidcxr={__version__}",
+                                                    *([f"honest_estimate={model.honest_estimate}"]
+                                                      if model.honest_estimate else [])])
     unitless = _code("1", "no units", "UCUM")
     measurements = []
     evaluations = [QualitativeEvaluation(_concept("status"), _code(*_STATUS_VALUES[result.status]))]

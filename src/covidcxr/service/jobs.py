@@ -29,6 +29,7 @@ class Predictions:
     threshold: float
     model_hash: str
     embeddings: Any = None
+    honest_estimate: str = ""
 
 
 def predict_files(images: Sequence[str | Path], model: str | Path, *, device: str = "auto", batch_size: int = 32,
@@ -69,13 +70,18 @@ def predict_files(images: Sequence[str | Path], model: str | Path, *, device: st
                 reason = GateResult(usable=result.status == "ok", reasons=list(result.no_result_reasons)).message
                 table.loc[i, ["status", "prob_covid", "label", "no_result_reason"]] = [
                     result.status, result.probability, result.label or "", reason]
-    return Predictions(table, art.threshold, art.weights_hash)
+    from covidcxr.evaluation.honest import describe_honest_estimate
+
+    return Predictions(table, art.threshold, art.weights_hash, honest_estimate=describe_honest_estimate(art.config))
 
 
 def evaluate_manifest(manifest: str | Path, model: str | Path, out: str | Path, *, split: str = "test",
                       device: str = "auto", batch_size: int = 32, num_workers: int = 2,
                       n_boot: int = 1000) -> tuple[dict[str, Any], pd.DataFrame]:
     """Predict a manifest split and write the metric report (CIs by patient, per source and view) into ``out``.
+
+    The report carries the source probe (when the rows hold two or more sources) and the shortcut warnings
+    (:func:`covidcxr.evaluation.honest.shortcut_warnings`: a two-label AUC far below the overall one, a high probe).
 
     Returns:
         ``(metrics result, predictions)``; ``out/predictions.csv`` holds the predictions.
@@ -95,11 +101,16 @@ def evaluate_manifest(manifest: str | Path, model: str | Path, out: str | Path, 
         df = df[df["split"] == split]
         if df.empty:
             raise ConfigError(f"{manifest}: no rows with split {split!r}")
+    from covidcxr.evaluation.probe import source_probe
+
     art = load_artifact(model, device)
-    pred, _ = art.predict_manifest(df, batch_size=batch_size, num_workers=num_workers, progress=True)
+    pred, emb = art.predict_manifest(df, batch_size=batch_size, num_workers=num_workers, progress=True,
+                                     embeddings=True)
     pred["y"] = (pred["label"] == LABELS[1]).astype(int)
+    # Held-out logistic regression only (grouped by patient): the probe is never scored on rows it was fitted on.
+    probe = source_probe(emb, pred["source"], pred["patient_id"]) if "source" in pred.columns else None
     result = evaluate_predictions(pred, art.threshold, out, n_boot=n_boot,
-                                  title=f"{model.name} on {manifest.name} ({split})")
+                                  title=f"{model.name} on {manifest.name} ({split})", source_probe=probe)
     out.mkdir(parents=True, exist_ok=True)
     pred.to_csv(out / "predictions.csv", index=False)
     return result, pred
@@ -111,6 +122,13 @@ def train(manifest: str | Path, out: str | Path, *, resume: bool = False, force:
     from covidcxr.classification.train import fit_classifier
 
     return fit_classifier(manifest, out, resume=resume, force=force, **settings)
+
+
+def crossval(manifest: str | Path, out: str | Path, **options: Any) -> Any:
+    """Cross-validate a classifier (:func:`covidcxr.classification.crossval.run_crossval`); its ``CrossvalResult``."""
+    from covidcxr.classification.crossval import run_crossval
+
+    return run_crossval(manifest, out, **options)
 
 
 def ensemble(models: Sequence[str | Path], out: str | Path, *, weighted: bool = False,

@@ -276,6 +276,7 @@
     if (m.created) trained.push("created " + m.created);
     rows.push(["Training data", (trained.length ? trained.join(" · ") + " · " : "") + "see MODEL_CARD.md"]);
     if (m.seg_mode) rows.push(["Lung input", m.seg_mode]);
+    if (m.honest_estimate) rows.push(["Honest estimate", m.honest_estimate]);
     const dl = $("model-facts");
     dl.replaceChildren();
     for (const [k, v] of rows) {
