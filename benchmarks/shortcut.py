@@ -2,8 +2,8 @@
 
 Every variant is scored by the pooled out-of-fold ROC AUC on the rows of sources that hold both labels
 (ieee8023: ~330 COVID-19 / ~70 other), mean and spread over fold seeds, with a source probe beside it: how well the
-variant's features tell the label-conditional source of a held-out image (AUC of "which archive" among images of the
-same label; 0.5 = no source information). The overall AUC is reported but never used to choose.
+representation the head sees tells the source of held-out images of the same label
+(``evaluation.probe.source_probe`` with one block per label; ROC AUC, 0.5 = no source information). The overall AUC is reported but never used to choose.
 
 Stages (each cached under ``--work``, so a rerun or a killed run continues where it stopped):
 
@@ -125,112 +125,31 @@ def features(images: np.ndarray, backbone: str, tag: str, work: Path, batch: int
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _source_directions(x: np.ndarray, source: np.ndarray, label: np.ndarray, C: float,
-                       use: np.ndarray | None = None) -> np.ndarray:
-    """Unit directions of linear label-conditional source classifiers (one set per label holding >= 2 sources).
-
-    ``use`` restricts the rows the source classifiers see (e.g. pathology-matched sources only)."""
-    from sklearn.linear_model import LogisticRegression
-
-    dirs = []
-    for lab in np.unique(label):
-        sel = (label == lab) & (use if use is not None else True)
-        if np.unique(source[sel]).size < 2:
-            continue
-        clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced").fit(x[sel], source[sel])
-        dirs.append(clf.coef_)
-    if not dirs:
-        return np.zeros((0, x.shape[1]))
-    w = np.concatenate(dirs)
-    norm = np.linalg.norm(w, axis=1, keepdims=True)
-    keep = norm[:, 0] > 1e-8  # a classifier left with nothing to separate returns zero weights
-    return w[keep] / norm[keep]
-
-
-def inlp_projection(x: np.ndarray, source: np.ndarray, label: np.ndarray, n_iter: int, C: float = 0.1,
-                    use: np.ndarray | None = None) -> np.ndarray:
-    """Iterative nullspace projection (Ravfogel et al. 2020) of label-conditional source information.
-
-    Each round fits linear source classifiers within each label on the projected features, adds their directions to
-    the removed subspace and projects it out. Returns the ``D x D`` projection matrix (applied as ``x @ P``).
-    """
-    d = x.shape[1]
-    basis = np.zeros((0, d))
-    P = np.eye(d)
-    for _ in range(n_iter):
-        w = _source_directions(x @ P, source, label, C, use)
-        if len(w) == 0:
-            break
-        basis = np.concatenate([basis, w])
-        q, _ = np.linalg.qr(basis.T)  # orthonormal basis of every removed direction
-        P = np.eye(d) - q @ q.T
-    return P
-
-
-def source_probe(x_tr, src_tr, y_tr, x_te, src_te, y_te) -> float:
-    """Mean AUC of label-conditional one-vs-rest source classifiers on held-out rows (0.5 = no source cue)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    aucs = []
-    for lab in np.unique(y_tr):
-        tr, te = y_tr == lab, y_te == lab
-        names = np.unique(src_tr[tr])
-        if names.size < 2 or np.unique(src_te[te]).size < 2:
-            continue
-        clf = LogisticRegression(C=0.1, max_iter=2000, class_weight="balanced").fit(x_tr[tr], src_tr[tr])
-        prob = clf.predict_proba(x_te[te])
-        for j, name in enumerate(clf.classes_):
-            target = src_te[te] == name
-            if 0 < target.sum() < len(target):
-                col = prob[:, j] if prob.shape[1] > 2 or j == 1 else 1 - prob[:, 1]
-                aucs.append(roc_auc_score(target, col))
-    return float(np.mean(aucs)) if aucs else float("nan")
-
-
 def oof_scores(x: np.ndarray, df: pd.DataFrame, folds: np.ndarray, *, C: float, rows: str = "all",
                balance: bool = False, inlp: int = 0, probe: bool = True, pca: int = 128,
                matched: bool = False) -> tuple[np.ndarray, float]:
-    """Out-of-fold P(covid) of a standardised logistic-regression head, and the pooled source probe."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+    """Out-of-fold P(covid) of a :class:`~covidcxr.classification.heads.LinearHead` and the source probe.
+
+    The probe (:func:`covidcxr.evaluation.probe.source_probe`, one block per label, i.e. label-conditional) runs on
+    each held-out fold's rows in the representation the fold's head sees, so no row it scores shaped the head.
+    """
+    from covidcxr.classification.heads import LinearHead
+    from covidcxr.evaluation.probe import source_probe
 
     y = (df["label"] == "covid").to_numpy().astype(int)
-    src = df["source"].to_numpy()
+    src = df["source"].astype(str).to_numpy()
     both = df["source_has_both_labels"].astype(str).str.lower().eq("true").to_numpy()
+    groups = df["patient_id"].astype(str).to_numpy()
     prob = np.full(len(df), np.nan)
     probes = []
     for f in np.unique(folds):
-        te = folds == f
-        tr = ~te
-        # Standardise, then PCA fitted on the training folds only (fast heads; the held-out fold never shapes them).
-        scaler = StandardScaler().fit(x[tr])
-        xtr, xte = scaler.transform(x[tr]), scaler.transform(x[te])
-        if pca and pca < xtr.shape[1]:
-            from sklearn.decomposition import PCA
-
-            proj = PCA(pca, random_state=0).fit(xtr)
-            xtr, xte = proj.transform(xtr), proj.transform(xte)
-            sd = xtr.std(axis=0) + 1e-8
-            xtr, xte = xtr / sd, xte / sd
-        if inlp:
-            # matched: only sources whose images share the pathology (COVID-19: ieee8023 vs Hannover; normals: JSRT
-            # vs RSNA/NIH), so the removed directions are acquisition, not "pneumonia vs normal" (ieee8023's
-            # non-COVID images are other pneumonias, the single-label negatives are normals).
-            use = ~((y[tr] == 0) & both[tr]) if matched else None
-            P = inlp_projection(xtr, src[tr], y[tr], inlp, use=use)
-            xtr, xte = xtr @ P, xte @ P
-        fit_rows = np.ones(tr.sum(), bool) if rows == "all" else both[tr]
-        weights = None
-        if balance:
-            key = pd.Series(src[tr][fit_rows]).astype(str) + "|" + pd.Series(y[tr][fit_rows]).astype(str)
-            weights = (1.0 / key.map(key.value_counts())).to_numpy(dtype=float, copy=True)
-            weights *= len(weights) / weights.sum()
-        clf = LogisticRegression(C=C, max_iter=500, class_weight=None if balance else "balanced")
-        clf.fit(xtr[fit_rows], y[tr][fit_rows], sample_weight=weights)
-        prob[te] = clf.predict_proba(xte)[:, 1]
+        te, tr = folds == f, folds != f
+        head = LinearHead(C=C, pca=pca, balance=balance, rows=rows, inlp=inlp, matched=matched)
+        head.fit(x[tr], y[tr], src[tr], both[tr])
+        prob[te] = 1.0 / (1.0 + np.exp(-head.decision_function(x[te])))
         if probe:
-            probes.append(source_probe(xtr, src[tr], y[tr], xte, src[te], y[te]))
+            got = source_probe(head.transform(x[te]), src[te], groups[te], blocks=y[te])
+            probes.append(got["roc_auc"] if got else np.nan)
     return prob, float(np.nanmean(probes)) if probes else float("nan")
 
 
@@ -375,10 +294,9 @@ def tail_logits(net, act: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.n
 
 def balance_weights(df: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
     """Weights that give every source x label cell the same total (sampling balanced over source x label)."""
-    key = (df["source"].astype(str) + "|" + df["label"].astype(str)).to_numpy()[rows]
-    cells, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
-    w = 1.0 / counts[inv]
-    return w * len(w) / w.sum()
+    from covidcxr.classification.heads import balance_weights as weights
+
+    return weights(df["source"].to_numpy()[rows], df["label"].to_numpy()[rows])
 
 
 def run_partial(df: pd.DataFrame, act: np.ndarray, name: str, seeds: list[int], k: int, *, epochs: int, lr: float,
