@@ -1,6 +1,10 @@
 """The input gate: no verdict on what is not a usable frontal chest X-ray.
 
-Two checks, neither needing extra labels:
+Three checks:
+
+* **Input type** (:mod:`covidcxr.classification.input_type`, independent of the COVID-19 model): a lateral view, a
+  CT image, a radiograph turned on its side or another picture gets no verdict, and the reason says what it looked
+  like.
 
 * **Lung QC.** Segmentation flags that mean there is no usable lung field (a blank image, no lung, one lung, both
   regions on one side, a mask too small to use) withhold the result.
@@ -38,6 +42,8 @@ REASONS = {
     "seg_fallback": "the lung mask is unusable",
     "out_of_distribution": "it looks unlike every chest X-ray the model was trained on",
 }
+INPUT_TYPE_REASON = "looks_{}"
+"""Gate reason for a refused input type (``looks_ct``, ``looks_lateral``, ...); its text is the check's message."""
 
 
 @dataclass
@@ -61,8 +67,18 @@ class GateResult:
         """"no result: not a usable frontal chest X-ray, because ..." (empty when usable)."""
         if self.usable:
             return ""
-        return "no result: not a usable frontal chest X-ray, because " + "; ".join(REASONS.get(r, r)
+        return "no result: not a usable frontal chest X-ray, because " + "; ".join(_reason_text(r)
                                                                                   for r in self.reasons)
+
+
+def _reason_text(reason: str) -> str:
+    if reason in REASONS:
+        return REASONS[reason]
+    if reason.startswith("looks_"):
+        from covidcxr.classification.input_type import LOOKS_LIKE
+
+        return LOOKS_LIKE.get(reason.removeprefix("looks_"), reason)
+    return reason
 
 
 class OODReference:
@@ -140,9 +156,12 @@ def fit_reference(train_embeddings: np.ndarray, val_embeddings: np.ndarray, *, q
     return OODReference(train_embeddings, float(np.quantile(d_val, quantile)), k), d_val
 
 
-def gate(qc_flags: list[str], distance: float | None = None, threshold: float | None = None) -> GateResult:
-    """The input gate of one image from its QC flags and (when the model has a reference) its distance."""
-    reasons = [f for f in BLOCKING_QC_FLAGS if f in qc_flags]
+def gate(qc_flags: list[str], distance: float | None = None, threshold: float | None = None,
+         input_type: Any = None) -> GateResult:
+    """The input gate of one image from its QC flags, (when the model has a reference) its distance and (when
+    checked) its :class:`~covidcxr.classification.input_type.InputType`; what the input looked like comes first."""
+    reasons = [] if input_type is None or input_type.frontal else [INPUT_TYPE_REASON.format(input_type.kind)]
+    reasons += [f for f in BLOCKING_QC_FLAGS if f in qc_flags]
     if distance is not None and threshold is not None and distance > threshold:
         reasons.append("out_of_distribution")
     return GateResult(not reasons, reasons, distance, threshold)
