@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
-import json
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-from _machine import cpu_flags, cpu_model  # noqa: E402
+from _machine import cpu_flags, cpu_model
 
 TURNS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "upright": lambda a: a, "mirrored": lambda a: a[:, ::-1], "rot90": lambda a: np.rot90(a, 1),

@@ -35,12 +35,12 @@ FRONTAL = "frontal"
 KINDS: tuple[str, ...] = (FRONTAL, "rotated", "lateral", "ct", "other")
 """Classes, index 0 = an upright frontal chest X-ray (the only kind given a verdict)."""
 LOOKS_LIKE = {
-    "rotated": "it looks like a chest X-ray turned on its side or upside down (turn it upright and send it again)",
+    "rotated": "it looks like a chest X-ray turned on its side or upside down",
     "lateral": "it looks like a lateral view, not a frontal chest X-ray",
     "ct": "it looks like a CT image, not a chest X-ray",
     "other": "it looks like a picture other than a chest X-ray",
 }
-"""What a refusal says, per kind."""
+"""What a refusal says, per kind (at most 64 characters: also the meaning of the reason's code in a DICOM SR)."""
 THUMB = 64
 WEIGHTS_NAME = "input_type"
 

@@ -273,11 +273,14 @@ def predict_manifest(
     if problems:
         if not kept and on_error == "skip":
             raise ConfigError(f"none of the {len(rows_all)} images could be read (first problem: {problems[0]})")
-        log.warning("%s %d of %d unreadable image(s)", "skipped" if on_error == "skip" else "no answer for",
-                    len(problems), len(rows_all))
+        log.warning("%d of %d image(s) unreadable: %s", len(problems), len(rows_all),
+                    "rows skipped" if on_error == "skip" else "rows kept with status error")
     report = on_error == "report"
     result = rows_all.iloc[kept].reset_index(drop=True) if problems and not report else rows_all.copy()
     result.attrs = dict(df.attrs)
+    # Each unreadable input with its reason, also where its row was dropped (``skip``): callers report them.
+    result.attrs["unreadable"] = [{"row": i, "image": str(rows_all["image"].iloc[i]), "reason": why}
+                                  for i, why in sorted(failed.items())]
     at = np.asarray(kept if report else range(len(kept)), dtype=int)
 
     def spread(values: Sequence[Any], fill: Any) -> list[Any]:  # one value per result row, ``fill`` on errors

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from covidcxr.classification.input_type import LOOKS_LIKE
 from covidcxr.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ REASONS = {
     "out_of_distribution": "it looks unlike every chest X-ray the model was trained on",
 }
 INPUT_TYPE_REASON = "looks_{}"
-"""Gate reason for a refused input type (``looks_ct``, ``looks_lateral``, ...); its text is the check's message."""
+"""Gate reason for a refused input type (``looks_ct``, ``looks_lateral``, ...), its text that of the check."""
+REASONS.update({INPUT_TYPE_REASON.format(kind): text for kind, text in LOOKS_LIKE.items()})
 
 
 @dataclass
@@ -67,18 +69,8 @@ class GateResult:
         """"no result: not a usable frontal chest X-ray, because ..." (empty when usable)."""
         if self.usable:
             return ""
-        return "no result: not a usable frontal chest X-ray, because " + "; ".join(_reason_text(r)
+        return "no result: not a usable frontal chest X-ray, because " + "; ".join(REASONS.get(r, r)
                                                                                   for r in self.reasons)
-
-
-def _reason_text(reason: str) -> str:
-    if reason in REASONS:
-        return REASONS[reason]
-    if reason.startswith("looks_"):
-        from covidcxr.classification.input_type import LOOKS_LIKE
-
-        return LOOKS_LIKE.get(reason.removeprefix("looks_"), reason)
-    return reason
 
 
 class OODReference:

@@ -245,7 +245,8 @@ def build_index(
     t0 = time.perf_counter()
     emb, rows = embed_manifest(artifact, df, batch_size, progress, skip_bad=skip_bad, num_workers=num_workers)
     seconds = time.perf_counter() - t0
-    extra = {"n_skipped": len(df) - len(rows), "embed_seconds": round(seconds, 2), **(info or {})}
+    extra = {"n_skipped": len(df) - len(rows), "unreadable": rows.attrs.get("unreadable", []),
+             "embed_seconds": round(seconds, 2), **(info or {})}
     return index_from_embeddings(artifact, emb, rows, out, pca_dim=pca_dim, whiten=whiten, kind=kind,
                                  thumbnails=thumbnails, force=force, num_workers=num_workers, info=extra)
 
@@ -316,6 +317,7 @@ def add_to_index(
         index.build_info = dict(index.build_info)
         index.build_info["additions"] = [*index.build_info.get("additions", []), {
             "manifest": rows.attrs.get("manifest"), "n": len(rows), "n_skipped": len(df) - len(rows),
+            "unreadable": rows.attrs.get("unreadable", []),
             "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }]
         _save_index(index, index_dir, staging)

@@ -21,6 +21,16 @@ from covidcxr.vocab import LABELS
 log = logging.getLogger(__name__)
 
 
+EXIT_RULE = ("exit status of batch commands: 0 every input answered (a result, or no result with its reason), "
+             "1 some inputs could not be read or processed (each reported with its reason; the outputs hold "
+             "the rest), 2 the command could not run (bad arguments, model or manifest): nothing written")
+
+
+def batch_exit_code(statuses: Sequence[str]) -> int:
+    """The one exit-status rule of batch commands (:data:`EXIT_RULE`): 1 when any input's status is ``error``."""
+    return 1 if any(s == "error" for s in statuses) else 0
+
+
 @dataclass
 class Predictions:
     """Per-image results of a model with the threshold and model identity they came from."""
@@ -41,7 +51,9 @@ def predict_files(images: Sequence[str | Path], model: str | Path, *, device: st
 
     Returns:
         :class:`Predictions` with a table ``image, status, prob_covid, label, qc_flags, no_result_reason`` in the
-        order given; ``prob_covid`` and ``label`` are empty where the input gate gave no result. With
+        order given; ``prob_covid`` and ``label`` are empty where the input gate gave no result (``no_result``) or
+        the file could not be read (``error``, the reason in ``no_result_reason``): one bad file never stops the
+        batch. With
         ``dicom_out`` the table also has ``dicom_files`` (the files written, ``;``-separated), and DICOM rows carry
         the values of the written SR.
     """
@@ -49,7 +61,7 @@ def predict_files(images: Sequence[str | Path], model: str | Path, *, device: st
 
     art = load_artifact(model, device)
     rows = pd.DataFrame({"image": [str(p) for p in images]})
-    pred, _ = art.predict_manifest(rows, batch_size=batch_size, num_workers=num_workers)
+    pred, _ = art.predict_manifest(rows, batch_size=batch_size, num_workers=num_workers, on_error="report")
     ok = pred["status"] == "ok"
     table = pd.DataFrame({"image": pred["image"], "status": pred["status"],
                           "prob_covid": pred["prob"].where(ok), "label": pred["pred_label"].where(ok, ""),
@@ -78,7 +90,9 @@ def evaluate_manifest(manifest: str | Path, model: str | Path, out: str | Path, 
     """Predict a manifest split and write the metric report (CIs by patient, per source and view) into ``out``.
 
     Returns:
-        ``(metrics result, predictions)``; ``out/predictions.csv`` holds the predictions.
+        ``(metrics result, predictions)``; ``out/predictions.csv`` holds the predictions of every row (unreadable
+        images as ``status`` ``error`` rows with the reason; the metrics are of the readable rows, their count in
+        ``result["unreadable"]``).
 
     Raises:
         ConfigError: No ``split`` column for a named split, or no rows in it.
@@ -96,12 +110,21 @@ def evaluate_manifest(manifest: str | Path, model: str | Path, out: str | Path, 
         if df.empty:
             raise ConfigError(f"{manifest}: no rows with split {split!r}")
     art = load_artifact(model, device)
-    pred, _ = art.predict_manifest(df, batch_size=batch_size, num_workers=num_workers, progress=True)
+    from covidcxr.io.files import write_text
+
+    pred, _ = art.predict_manifest(df, batch_size=batch_size, num_workers=num_workers, progress=True,
+                                   on_error="report")
     pred["y"] = (pred["label"] == LABELS[1]).astype(int)
-    result = evaluate_predictions(pred, art.threshold, out, n_boot=n_boot,
+    readable = pred[pred["status"] != "error"].reset_index(drop=True)
+    if readable.empty:
+        raise ConfigError(f"{manifest}: none of the {len(pred)} images could be read (first: "
+                          f"{pred['no_result_reason'].iloc[0]})")
+    result = evaluate_predictions(readable, art.threshold, out, n_boot=n_boot,
                                   title=f"{model.name} on {manifest.name} ({split})")
+    result["unreadable"] = [{"image": r.image, "reason": r.no_result_reason} for r in pred.itertuples()
+                            if r.status == "error"]
     out.mkdir(parents=True, exist_ok=True)
-    pred.to_csv(out / "predictions.csv", index=False)
+    write_text(out / "predictions.csv", pred.to_csv(index=False))
     return result, pred
 
 
