@@ -282,13 +282,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
                         sheet=args.sheet, device=args.device)
     if args.json:
         print(json.dumps({"image": str(args.image), "prob": found.prob, "label": found.label,
-                          "threshold": found.threshold, "matches": found.rows,
+                          "no_result_reason": found.no_result_reason, "threshold": found.threshold,
+                          "matches": found.rows,
                           "sheet": str(args.sheet) if args.sheet else None}, indent=2))
         return 0
     console = _console()
     excluded = f"; excluding patient(s) {', '.join(args.exclude_patient)}" if args.exclude_patient else ""
-    table = Table(title=f"{args.image.name}: P(covid) {found.prob:.3f} -> {found.label} (threshold "
-                        f"{found.threshold:.3f}){excluded}")
+    verdict = (f"P(covid) {found.prob:.3f} -> {found.label} (threshold {found.threshold:.3f})"
+               if found.prob is not None else found.no_result_reason)
+    table = Table(title=f"{args.image.name}: {verdict}{excluded}")
     for col in ("rank", "similarity", "case", "patient", "label", "source", "view"):
         table.add_column(col, justify="right" if col in ("rank", "similarity") else "left")
     for r in found.rows:

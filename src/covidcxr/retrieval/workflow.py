@@ -377,6 +377,7 @@ def search_image(
     image: np.ndarray,
     k: int = 5,
     exclude_patients: Any = None,
+    prediction: Any = None,
 ) -> tuple[list[Match], float]:
     """The k most similar indexed cases of one image.
 
@@ -386,11 +387,12 @@ def search_image(
         image: float32 ``H x W`` in [0, 1].
         k: Number of neighbours.
         exclude_patients: A patient id or a collection of ids whose cases are skipped.
+        prediction: The model's prediction of ``image`` with embeddings, when the caller already has it.
 
     Returns:
         ``(matches, prob)``: the matches, best first, and the model's probability of COVID for the image.
     """
-    pred = artifact.predict([image], embeddings=True)
+    pred = prediction if prediction is not None else artifact.predict([image], embeddings=True)
     if exclude_patients is not None and not isinstance(exclude_patients, str | int):
         exclude_patients = [list(exclude_patients)]
     with faiss_threads(1):

@@ -186,13 +186,15 @@ def evaluate_retrieval(model: str | Path, manifest: str | Path, *, device: str =
 
 @dataclass
 class SearchResult:
-    """Similar cases of one image, with the model's probability and label."""
+    """Similar cases of one image, with the model's probability and label (None and ``no result`` when the input
+    gate gives no verdict: ``no_result_reason`` says why)."""
 
     matches: list[Any]
     rows: list[dict[str, Any]]
-    prob: float
+    prob: float | None
     label: str
     threshold: float
+    no_result_reason: str = ""
 
 
 def search(image_path: str | Path, index_dir: str | Path, model: str | Path | None = None, *, k: int = 8,
@@ -211,12 +213,15 @@ def search(image_path: str | Path, index_dir: str | Path, model: str | Path | No
         raise ConfigError(f"-k must be >= 1, got {k}")
     image, _ = load_image(image_path)
     index, art = load_index_and_model(index_dir, model, device)
-    matches, prob = search_image(art, index, image, k=k, exclude_patients=exclude_patients)
-    label = art.class_names[int(prob >= art.threshold)]
+    pred = art.predict([image], embeddings=True)
+    checked = art.gate(pred, [image])[0]  # the one input gate: no verdict on what is not a frontal CXR
+    matches, prob = search_image(art, index, image, k=k, exclude_patients=exclude_patients, prediction=pred)
+    label = art.class_names[int(prob >= art.threshold)] if checked.usable else "no result"
     if sheet is not None:
         contact_sheet(image, matches, sheet, index_dir=index_dir,
-                      query_title=f"query (model: {label})\nP(covid) {prob:.3f}")
-    return SearchResult(matches, match_rows(matches), float(prob), label, float(art.threshold))
+                      query_title=f"query (model: {label})" + (f"\nP(covid) {prob:.3f}" if checked.usable else ""))
+    return SearchResult(matches, match_rows(matches), float(prob) if checked.usable else None, label,
+                        float(art.threshold), checked.message)
 
 
 def segment_folder(source: str | Path, out: str | Path, *, weights: str | Path | None = None,
