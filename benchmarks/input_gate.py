@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.install:
         entry = ref.save(shipped_model_dir())
         entry.update(quantile=args.quantile, fitted_on="training rows of the shipped model (validation: threshold)",
-                     benchmark="benchmarks/results/input_gate.md")
+                     benchmark="benchmarks/results/input_gate_embedding.md")
         cfg_path = shipped_model_dir() / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["ood"] = entry
@@ -185,8 +185,9 @@ def _card_section(r: dict) -> str:
          f"{d['all']['refused']} of {d['all']['n']} development CXRs ({d['all']['rate']:.2%}; ieee8023 "
          f"{d['per_source'].get('ieee8023/covid-chestxray-dataset', {}).get('rate', float('nan')):.2%}); "
          f"non-CXR inputs let through: {r['non_cxr']['passed']} of {r['non_cxr']['n']}; real CXRs rotated by 90 "
-         f"degrees: {r['rotated_cxr']['passed']} of {r['rotated_cxr']['n']} (`benchmarks/results/input_gate.md`). "
-         "Refit after retraining: `python benchmarks/input_gate.py --install`."),
+         f"degrees: {r['rotated_cxr']['passed']} of {r['rotated_cxr']['n']} "
+         "(`benchmarks/results/input_gate_embedding.md`). Refit after retraining: "
+         "`python benchmarks/input_gate.py --part embedding --install`."),
         "",
     ])
 

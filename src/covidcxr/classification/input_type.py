@@ -11,7 +11,7 @@ settings and figures in ``weights/input_type.json``, trained and cross-validated
 An image is accepted as a frontal chest X-ray when ``P(frontal) >= threshold``; otherwise the most probable other
 kind names what it looked like. Radiographs turned by 90/180/270 degrees or flipped upside down are refused, not
 turned upright (see the card); a left-right mirror image is not told apart (measured: learning it refused 5-7 % of
-real frontal CXRs, ``benchmarks/results/input_gate.md``).
+real frontal CXRs in a cross-validated trial while choosing the design, see the card).
 """
 
 from __future__ import annotations
