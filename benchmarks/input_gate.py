@@ -1,7 +1,18 @@
-"""Input gate of the shipped classifier: real CXRs wrongly refused vs non-CXR inputs let through.
+"""Input gate: real CXRs wrongly refused vs non-frontal inputs let through, in two parts.
 
-The gate (``covidcxr.classification.ood``) withholds the verdict on lung-QC failures and on images whose embedding
-lies far from every training case. This script embeds the development CXRs with the shipped model, fits the
+``--part type`` (default; issue 19): the input-type check (:mod:`covidcxr.classification.input_type`, independent
+of the COVID-19 classifier). Cross-validated BY PATIENT (5 folds, StratifiedGroupKFold over patient groups; every
+rotated/flipped copy of an image stays in its image's fold) on the development frontal CXRs (and each of them turned
+by 90/180/270 degrees, flipped upside down, transposed), the non-frontal chest images of ``--noncxr`` (laterals,
+axial and coronal CT, each also turned), synthetic CXRs (``data.synth.draw_cxr``), matplotlib's sample pictures
+(with crops) and synthetic pictures (``data.synth.draw_picture``). Targets: >= 99 % of non-frontal inputs refused,
+<= 1 % of development CXRs refused, no turned CXR accepted. It also times the check against one full analysis
+with the shipped model. ``--install`` then fits on everything and writes ``weights/input_type.{npz,json}``.
+Results: ``results/input_gate.{json,md}``.
+
+``--part embedding`` (earlier): the gate of the shipped classifier (``covidcxr.classification.ood``) withholds the
+verdict on lung-QC failures and on images whose embedding lies far from every training case; results
+``results/input_gate_embedding.{json,md}``. This part embeds the development CXRs with the shipped model, fits the
 distance reference on the model's own training rows with the threshold at a quantile of its validation rows'
 distances (``--install`` writes it into the shipped model), and reports
 
@@ -12,7 +23,8 @@ distances (``--install`` writes it into the shipped model), and reports
 
 Usage::
 
-    python benchmarks/input_gate.py --manifest ../shared/data/cxr/manifest.csv --install
+    python benchmarks/input_gate.py --part type --install
+    python benchmarks/input_gate.py --part embedding --manifest ../shared/data/cxr/manifest.csv --install
 """
 
 from __future__ import annotations
@@ -62,12 +74,22 @@ def non_cxr_images(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("type", "embedding"), default="type")
     p.add_argument("--manifest", type=Path, default=Path("../shared/data/cxr/manifest.csv"))
+    p.add_argument("--noncxr", type=Path, default=Path("../shared/data/noncxr/manifest.csv"))
     p.add_argument("--quantile", type=float, default=0.995)
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--install", action="store_true", help="write the reference into the shipped model")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "input_gate.json")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--analysis-images", type=int, default=5, help="images timed through one full analysis")
+    p.add_argument("--install", action="store_true",
+                   help="type: write the fitted check into the package; embedding: the reference into the model")
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.part == "type":
+        from _input_type import run_input_type
+
+        return run_input_type(args, argv)
+    args.out = args.out or HERE / "results" / "input_gate_embedding.json"
 
     import torch
 
@@ -140,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.install:
         entry = ref.save(shipped_model_dir())
         entry.update(quantile=args.quantile, fitted_on="training rows of the shipped model (validation: threshold)",
-                     benchmark="benchmarks/results/input_gate.md")
+                     benchmark="benchmarks/results/input_gate_embedding.md")
         cfg_path = shipped_model_dir() / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["ood"] = entry
@@ -163,8 +185,9 @@ def _card_section(r: dict) -> str:
          f"{d['all']['refused']} of {d['all']['n']} development CXRs ({d['all']['rate']:.2%}; ieee8023 "
          f"{d['per_source'].get('ieee8023/covid-chestxray-dataset', {}).get('rate', float('nan')):.2%}); "
          f"non-CXR inputs let through: {r['non_cxr']['passed']} of {r['non_cxr']['n']}; real CXRs rotated by 90 "
-         f"degrees: {r['rotated_cxr']['passed']} of {r['rotated_cxr']['n']} (`benchmarks/results/input_gate.md`). "
-         "Refit after retraining: `python benchmarks/input_gate.py --install`."),
+         f"degrees: {r['rotated_cxr']['passed']} of {r['rotated_cxr']['n']} "
+         "(`benchmarks/results/input_gate_embedding.md`). Refit after retraining: "
+         "`python benchmarks/input_gate.py --part embedding --install`."),
         "",
     ])
 

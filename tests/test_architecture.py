@@ -85,7 +85,8 @@ def test_the_rule_catches_an_upward_import(tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize("module", ["covidcxr.retrieval.index", "covidcxr.retrieval.metrics", "covidcxr.evaluation.metrics",
                                     "covidcxr.evaluation.report", "covidcxr.data", "covidcxr.io", "covidcxr.vocab",
                                     "covidcxr.retrieval.archive", "covidcxr.retrieval.shards",
-                                    "covidcxr.retrieval.compressed"])
+                                    "covidcxr.retrieval.compressed", "covidcxr.classification.input_type",
+                                    "covidcxr.classification.ood"])
 def test_torch_free_modules(module: str) -> None:
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -81,6 +81,22 @@ def test_search_prints_table_and_writes_sheet(index_dir: Path, train_rows, tmp_p
     assert sheet.is_file() and sheet.stat().st_size > 1000
 
 
+def test_search_gives_no_verdict_on_a_turned_image(index_dir: Path, train_rows, tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    from covidcxr.io.files import save_png
+    from covidcxr.io.image import load_image
+
+    turned = save_png(tmp_path / "turned.png", np.rot90(load_image(train_rows["image"].iloc[0])[0]).copy())
+    assert main(["search", str(turned), "--index", str(index_dir), "-k", "3", "--json", "--device", "cpu"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["prob"] is None and found["label"] == "no result" and len(found["matches"]) == 3
+    assert "turned on its side or upside down" in found["no_result_reason"]
+    assert main(["search", str(turned), "--index", str(index_dir), "-k", "3", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "P(covid)" not in out and "no result" in out
+
+
 def test_search_exclude_patient(index_dir: Path, model_dir: Path, train_rows, capsys) -> None:
     image, patient = train_rows["image"].iloc[0], train_rows["patient_id"].iloc[0]
     base = ["search", image, "--index", str(index_dir), "--model", str(model_dir), "-k", "4", "--json",

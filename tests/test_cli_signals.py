@@ -36,10 +36,37 @@ def _covidcxr(*args: str) -> list[str]:
     return [sys.executable, "-m", "covidcxr", "-v", *args]
 
 
+def _default_signals() -> None:
+    """In the child before exec: default dispositions and no blocked signals, whatever the test runner inherited.
+
+    The product rightly keeps an inherited SIG_IGN (a background job, ``nohup``); the scenario under test is a user
+    pressing Ctrl-C in an ordinary shell, so the child must not inherit the caller's ignored SIGINT.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _popen(cmd: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(cmd, preexec_fn=_default_signals, **kwargs)  # noqa: PLW1509 (no threads start it)
+
+
+@pytest.fixture(params=["parent_default", "parent_ignores_sigint"])
+def parent_sigint(request: pytest.FixtureRequest):
+    """Run a test from a process with the default SIGINT handling, and again from one that ignores SIGINT."""
+    before = signal.getsignal(signal.SIGINT)
+    if request.param == "parent_ignores_sigint":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield request.param
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _interrupt(args: list[str], log: Path, signum: int) -> tuple[int, str]:
     """Run ``covidcxr -v ARGS``, send ``signum`` once ``fit`` has started; return the exit code and stderr."""
     with log.open("w") as err:
-        proc = subprocess.Popen(_covidcxr(*args), stdout=subprocess.DEVNULL, stderr=err, env=_env())
+        proc = _popen(_covidcxr(*args), stdout=subprocess.DEVNULL, stderr=err, env=_env())
     try:
         deadline = time.monotonic() + 120  # a guard against a hung run, not a measurement
         while FIT_STARTED not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
@@ -98,7 +125,10 @@ def test_sigterm_saves_last_checkpoint_exits_143_and_resume_continues(synth_coho
 
 
 @pytest.mark.slow
-def test_sigint_during_segmenter_training_exits_130_with_last_checkpoint(synth_cohort: Path, tmp_path: Path) -> None:
+def test_sigint_during_segmenter_training_exits_130_with_last_checkpoint(synth_cohort: Path, tmp_path: Path,
+                                                                         parent_sigint: str) -> None:
+    # Also from a parent that ignores SIGINT (nohup, a background job, some CI runners): the child is started with
+    # default dispositions, as from an interactive shell.
     out = tmp_path / "seg"
     args = ["segment", "train", "--manifest", str(synth_cohort), "--out", str(out), "--epochs", "50", *SEGMENTER]
     rc, stderr = _interrupt(args, tmp_path / "seg.log", signal.SIGINT)
@@ -107,6 +137,15 @@ def test_sigint_during_segmenter_training_exits_130_with_last_checkpoint(synth_c
     assert "interrupted by SIGINT" in stderr and "--resume" in stderr
     assert not (out / "lung_unet.safetensors").exists()
     assert_clean_log(stderr)
+
+
+def test_children_start_with_default_sigint_even_when_the_parent_ignores_it(parent_sigint: str) -> None:
+    # Without _default_signals the child would inherit SIG_IGN and Python would leave it ignored.
+    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    with_default = _popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert with_default.communicate(timeout=60)[0].strip() == "True"
+    inherited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert inherited.stdout.strip() == ("False" if parent_sigint == "parent_ignores_sigint" else "True")
 
 
 def test_interrupted_maps_to_128_plus_signal(monkeypatch, capsys, tmp_path: Path) -> None:

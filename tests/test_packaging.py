@@ -117,7 +117,8 @@ def test_wheel_ships_all_files_and_installed_cli_predicts(tmp_path: Path) -> Non
     assert not missing, f"{wheel.name} lacks {len(missing)} tracked file(s): {missing}"
     data_files = {n for n in expected if not n.endswith(".py")}
     for needed in ("covidcxr/weights/lung_unet.safetensors", "covidcxr/weights/covid_classifier/model.safetensors",
-                   "covidcxr/weights/covid_classifier/config.json", "covidcxr/web/static/index.html"):
+                   "covidcxr/weights/covid_classifier/config.json", "covidcxr/web/static/index.html",
+                   "covidcxr/weights/input_type.npz", "covidcxr/weights/input_type.json"):
         assert needed in data_files, f"{needed} is not tracked by git any more"
     # Every folder holding modules is a regular package (a forgotten __init__.py would become a namespace package).
     py_dirs = {str(PurePosixPath(n).parent) for n in names if n.startswith("covidcxr/") and n.endswith(".py")}

@@ -94,6 +94,13 @@ def stow_all(server: OrthancServer, files: list[Path]) -> None:
         client.store([ds], str(ds.StudyInstanceUID))
 
 
+def _default_signals() -> None:
+    """In the child: default SIGINT/SIGTERM handling, whatever the shell that started the suite ignores."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def _env(server: OrthancServer, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCXR_PACS_")}
     env.update(COVIDCXR_PACS_USER=server.user, COVIDCXR_PACS_PASSWORD=server.password, **extra)
@@ -317,7 +324,8 @@ def test_watch_processes_new_studies_and_stops_cleanly_on_sigterm(tmp_path: Path
         stow_all(server, files[:1])
         args = _cli("pacs", "watch", "--url", server.dicomweb_url, "--ledger", str(ledger), "--device", "cpu",
                     "--interval", "0.5", "--since", "2024-01-01", "--report", str(tmp_path / "watch.json"))
-        proc = subprocess.Popen(args, env=_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(args, env=_env(server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_signals)  # noqa: PLW1509 (the test starts no threads first)
         try:
             def done() -> int:
                 return _done(ledger)

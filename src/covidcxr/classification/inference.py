@@ -122,15 +122,18 @@ class BaseArtifact:
             self._ood = OODReference.load(self.directory, entry) if entry else None
         return self._ood
 
-    def gate(self, pred: Prediction) -> list[Any]:
-        """The input gate per image of a prediction (QC flags, and the distance to the training cases when the
-        model has a reference and the prediction carries embeddings); see :mod:`covidcxr.classification.ood`."""
+    def gate(self, pred: Prediction, images: Sequence[np.ndarray] | None = None) -> list[Any]:
+        """The input gate per image of a prediction (with ``images``: what each input looks like; QC flags; the
+        distance to the training cases when the model has a reference and the prediction carries embeddings); see
+        :mod:`covidcxr.classification.ood` and :mod:`covidcxr.classification.input_type`."""
+        from covidcxr.classification.input_type import check_inputs
         from covidcxr.classification.ood import gate
 
         ref = self.ood_reference
         dist = ref.distances(pred.embeddings) if ref is not None and pred.embeddings is not None else None
-        return [gate(list(q), None if dist is None else float(dist[i]), None if ref is None else ref.threshold)
-                for i, q in enumerate(pred.qc_flags)]
+        kinds = check_inputs(images) if images is not None else [None] * len(pred.qc_flags)
+        return [gate(list(q), None if dist is None else float(dist[i]), None if ref is None else ref.threshold,
+                     kinds[i]) for i, q in enumerate(pred.qc_flags)]
 
     def labels(self, prob: np.ndarray) -> list[str]:
         """Class name per probability at the stored threshold."""

@@ -160,7 +160,7 @@ def _map_threads(fn: Callable[[str], Any], paths: Sequence[str], num_workers: in
         return list(pool.map(fn, paths))
 
 
-def _decode_rows(paths: Sequence[str], num_workers: int, skip_bad: bool, offset: int
+def _decode_rows(paths: Sequence[str], num_workers: int, on_error: str, offset: int
                  ) -> tuple[list[np.ndarray], list[int], list[str]]:
     from covidcxr.io.image import load_image
 
@@ -174,15 +174,19 @@ def _decode_rows(paths: Sequence[str], num_workers: int, skip_bad: bool, offset:
     images, ok, problems = [], [], []
     for i, item in enumerate(loaded):
         if isinstance(item, ImageError):
-            if not skip_bad:
-                raise type(item)(item.path, f"{item.reason} (manifest row {offset + i}; skip_bad=True / --skip-bad "
-                                            "skips unreadable images)") from item
-            log.warning("skipping manifest row %d: %s", offset + i, item)
+            if on_error == "raise":
+                raise type(item)(item.path, f"{item.reason} (manifest row {offset + i})") from item
+            log.warning("%s manifest row %d: %s", "skipping" if on_error == "skip" else "no answer for",
+                        offset + i, item)
             problems.append(str(item))
             continue
         images.append(item)
         ok.append(i)
     return images, ok, problems
+
+
+ON_ERROR = ("raise", "skip", "report")
+"""What the manifest loop does with an unreadable image: stop, drop its row, or keep it as a ``status`` ``error`` row."""
 
 
 def predict_manifest(
@@ -196,6 +200,7 @@ def predict_manifest(
     progress: bool = False,
     skip_bad: bool = False,
     bf16: bool | None = None,
+    on_error: str | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Predict (and embed) every row of a manifest table: the one loop behind predict, evaluate, embed and index.
 
@@ -210,8 +215,12 @@ def predict_manifest(
         num_workers: Decoding threads.
         mask_dir: Mask cache folder shared with training (None: masks are not cached).
         progress: Show a tqdm progress bar.
-        skip_bad: Skip unreadable images with a warning (their rows are dropped) instead of raising.
+        skip_bad: Skip unreadable images with a warning (their rows are dropped) instead of raising
+            (``on_error='skip'``).
         bf16: Force bf16 autocast on/off; None = the artifact's setting where native.
+        on_error: One of :data:`ON_ERROR` (default ``skip`` with ``skip_bad``, else ``raise``). ``report`` keeps
+            every row: an unreadable image gets ``status`` ``error``, its reason in ``no_result_reason`` and no
+            probability (its embedding row, with ``embeddings``, is left out: use ``skip`` there).
 
     Returns:
         ``(rows + prob, [prob_uncalibrated,] pred_label, qc_flags, status (``ok`` / ``no_result`` from the input
@@ -219,8 +228,9 @@ def predict_manifest(
         stay filled for evaluation; presenters withhold them where ``status`` is ``no_result``.
 
     Raises:
-        ConfigError: No ``image`` column, a bad batch size, or (with ``skip_bad``) no readable image at all.
-        ImageError: An unreadable image (without ``skip_bad``); the message names the file and the manifest row.
+        ConfigError: No ``image`` column, a bad batch size, an unknown ``on_error``, or (with ``skip``) no
+            readable image at all.
+        ImageError: An unreadable image (``raise``); the message names the file and the manifest row.
     """
     from tqdm.auto import tqdm
 
@@ -228,15 +238,20 @@ def predict_manifest(
         raise ConfigError(f"manifest table needs an 'image' column, has {list(map(str, df.columns))}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    on_error = on_error or ("skip" if skip_bad else "raise")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error={on_error!r}: expected one of {ON_ERROR}")
     caches = {key: MaskCache(mask_dir, key) for key in sorted(artifact.segmenter_keys)}
     segmenters = {m.segmenter_key: m.segment for m in reversed(artifact.members) if m.segmenter_key is not None}
     probs, raws, embs, qcs, kept, problems, gates = [], [], [], [], [], [], []
+    failed: dict[int, str] = {}
     gating = artifact.ood_reference is not None
     rows_all = df.reset_index(drop=True)
     for start in tqdm(range(0, len(rows_all), batch_size), desc="predict", unit="batch", disable=not progress):
         rows = rows_all.iloc[start : start + batch_size]
-        images, ok, bad = _decode_rows(rows["image"].astype(str).tolist(), num_workers, skip_bad, start)
+        images, ok, bad = _decode_rows(rows["image"].astype(str).tolist(), num_workers, on_error, start)
         problems += bad
+        failed.update((start + i, why) for i, why in zip(sorted(set(range(len(rows))) - set(ok)), bad, strict=True))
         if not images:
             continue
         rows = rows.iloc[ok]
@@ -251,27 +266,44 @@ def predict_manifest(
         raws.append(out.prob_uncalibrated)
         out.qc_flags = [sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True)]
         qcs.extend(out.qc_flags)
-        gates.extend(artifact.gate(out))
+        gates.extend(artifact.gate(out, images))
         kept.extend(start + i for i in ok)
         if embeddings:
             embs.append(out.embeddings)
     if problems:
-        if not kept:
+        if not kept and on_error == "skip":
             raise ConfigError(f"none of the {len(rows_all)} images could be read (first problem: {problems[0]})")
-        log.warning("skipped %d of %d unreadable image(s)", len(problems), len(rows_all))
-    result = rows_all.iloc[kept].reset_index(drop=True) if problems else rows_all.copy()
+        log.warning("%d of %d image(s) unreadable: %s", len(problems), len(rows_all),
+                    "rows skipped" if on_error == "skip" else "rows kept with status error")
+    report = on_error == "report"
+    result = rows_all.iloc[kept].reset_index(drop=True) if problems and not report else rows_all.copy()
     result.attrs = dict(df.attrs)
-    result["prob"] = np.concatenate(probs) if probs else np.zeros(0)
+    # Each unreadable input with its reason, also where its row was dropped (``skip``): callers report them.
+    result.attrs["unreadable"] = [{"row": i, "image": str(rows_all["image"].iloc[i]), "reason": why}
+                                  for i, why in sorted(failed.items())]
+    at = np.asarray(kept if report else range(len(kept)), dtype=int)
+
+    def spread(values: Sequence[Any], fill: Any) -> list[Any]:  # one value per result row, ``fill`` on errors
+        out = [fill] * len(result)
+        for i, v in zip(at, values, strict=True):
+            out[i] = v
+        return out
+
+    prob = np.concatenate(probs) if probs else np.zeros(0)
+    result["prob"] = np.asarray(spread(prob.tolist(), np.nan), dtype=np.float64)
     if probs and all(r is not None for r in raws) and len(artifact.members) == 1 and \
             artifact.members[0].temperature != 1.0:
-        result["prob_uncalibrated"] = np.concatenate(raws)
-    result["pred_label"] = artifact.labels(result["prob"].to_numpy())
-    result["qc_flags"] = [";".join(f) for f in qcs]
+        result["prob_uncalibrated"] = np.asarray(spread(np.concatenate(raws).tolist(), np.nan), dtype=np.float64)
+    result["pred_label"] = spread(artifact.labels(prob), "")
+    result["qc_flags"] = spread([";".join(f) for f in qcs], "")
     # The input gate: no verdict on what is not a usable frontal chest X-ray (classification.ood).
-    result["status"] = ["ok" if g.usable else "no_result" for g in gates]
-    result["no_result_reason"] = [g.message for g in gates]
+    result["status"] = spread(["ok" if g.usable else "no_result" for g in gates], "error")
+    result["no_result_reason"] = spread([g.message for g in gates], "")
+    if report:
+        for i, why in failed.items():
+            result.loc[i, "no_result_reason"] = f"error: {why}"
     if gating:
-        result["ood_distance"] = [g.distance for g in gates]
+        result["ood_distance"] = spread([g.distance for g in gates], None)
     emb_all = (np.concatenate(embs) if embs else np.zeros((0, artifact.num_features), np.float32)) if embeddings \
         else None
     return result, emb_all

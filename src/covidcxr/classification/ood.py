@@ -1,6 +1,10 @@
 """The input gate: no verdict on what is not a usable frontal chest X-ray.
 
-Two checks, neither needing extra labels:
+Three checks:
+
+* **Input type** (:mod:`covidcxr.classification.input_type`, independent of the COVID-19 model): a lateral view, a
+  CT image, a radiograph turned on its side or another picture gets no verdict, and the reason says what it looked
+  like.
 
 * **Lung QC.** Segmentation flags that mean there is no usable lung field (a blank image, no lung, one lung, both
   regions on one side, a mask too small to use) withhold the result.
@@ -22,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from covidcxr.classification.input_type import LOOKS_LIKE
 from covidcxr.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,9 @@ REASONS = {
     "seg_fallback": "the lung mask is unusable",
     "out_of_distribution": "it looks unlike every chest X-ray the model was trained on",
 }
+INPUT_TYPE_REASON = "looks_{}"
+"""Gate reason for a refused input type (``looks_ct``, ``looks_lateral``, ...), its text that of the check."""
+REASONS.update({INPUT_TYPE_REASON.format(kind): text for kind, text in LOOKS_LIKE.items()})
 
 
 @dataclass
@@ -140,9 +148,12 @@ def fit_reference(train_embeddings: np.ndarray, val_embeddings: np.ndarray, *, q
     return OODReference(train_embeddings, float(np.quantile(d_val, quantile)), k), d_val
 
 
-def gate(qc_flags: list[str], distance: float | None = None, threshold: float | None = None) -> GateResult:
-    """The input gate of one image from its QC flags and (when the model has a reference) its distance."""
-    reasons = [f for f in BLOCKING_QC_FLAGS if f in qc_flags]
+def gate(qc_flags: list[str], distance: float | None = None, threshold: float | None = None,
+         input_type: Any = None) -> GateResult:
+    """The input gate of one image from its QC flags, (when the model has a reference) its distance and (when
+    checked) its :class:`~covidcxr.classification.input_type.InputType`; what the input looked like comes first."""
+    reasons = [] if input_type is None or input_type.frontal else [INPUT_TYPE_REASON.format(input_type.kind)]
+    reasons += [f for f in BLOCKING_QC_FLAGS if f in qc_flags]
     if distance is not None and threshold is not None and distance > threshold:
         reasons.append("out_of_distribution")
     return GateResult(not reasons, reasons, distance, threshold)

@@ -171,7 +171,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from covidcxr.device import available_cpus
-    from covidcxr.io.files import json_safe
+    from covidcxr.io.files import json_safe, write_text
     from covidcxr.service import jobs
 
     if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
@@ -188,18 +188,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     for row in table.itertuples(index=False):
         if row.status == "ok":
             rich_table.add_row(row.image, f"{row.prob_covid:.4f}", row.label, row.qc_flags)
+        elif row.status == "error":
+            rich_table.add_row(row.image, "-", "error", row.no_result_reason.removeprefix("error: "))
         else:
             rich_table.add_row(row.image, "-", "no result", row.no_result_reason.removeprefix("no result: "))
     _console().print(rich_table)
+    failed = int((table["status"] == "error").sum())
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        if failed and args.out.exists():
+            log.warning("%s: replaced by this run's table, in which %d of %d input(s) could not be read "
+                        "(status error)", args.out, failed, len(table))
         if args.out.suffix.lower() == ".csv":
-            table.to_csv(args.out, index=False)
+            write_text(args.out, table.to_csv(index=False))
         else:
             records = table.assign(threshold=result.threshold, model_hash=result.model_hash).to_dict(orient="records")
-            args.out.write_text(json.dumps(json_safe(records), indent=2) + "\n")
-    # Non-zero only when no input gave a result (some unusable files in a batch are reported, not fatal).
-    return 0 if (table["status"] == "ok").any() else 1
+            write_text(args.out, json.dumps(json_safe(records), indent=2) + "\n")
+    if failed:
+        log.error("%d of %d input(s) could not be read; the other results are above%s", failed, len(table),
+                  f" and in {args.out}" if args.out is not None else "")
+    return jobs.batch_exit_code(table["status"])
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -207,11 +215,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from covidcxr.service import jobs
 
     args.model = model_dir(args.model)
-    result, _ = jobs.evaluate_manifest(args.manifest, args.model, args.out, split=args.split, device=args.device,
-                                       batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
-                                       n_boot=args.n_boot)
+    result, pred = jobs.evaluate_manifest(args.manifest, args.model, args.out, split=args.split, device=args.device,
+                                          batch_size=args.batch_size, num_workers=decode_threads(args.num_workers),
+                                          n_boot=args.n_boot)
     print(format_metrics_table(result))
-    return 0
+    for bad in result["unreadable"]:
+        log.error("not evaluated: %s", bad["reason"].removeprefix("error: "))
+    if result["unreadable"]:
+        log.error("%d of %d image(s) could not be read: the metrics are of the other %d (rows with status error in "
+                  "%s)", len(result["unreadable"]), len(pred), len(pred) - len(result["unreadable"]),
+                  args.out / "predictions.csv")
+    return jobs.batch_exit_code(pred["status"])
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from covidcxr.cli._model import MODEL_HELP, decode_threads, model_dir
 from covidcxr.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
@@ -36,7 +39,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=None,
                    help="image decoding threads per process (default: this process's CPUs / devices)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=True,
+                   help="go on past unreadable images (the default): each is reported with its reason, the others "
+                        "are embedded, and the exit status is 1")
+    p.add_argument("--stop-on-bad", dest="skip_bad", action="store_false",
+                   help="stop at the first unreadable image instead (exit 2)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_embed)
 
@@ -109,7 +116,11 @@ def _add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default: one per CPU)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=True,
+                   help="go on past unreadable images (the default): each is reported with its reason, the others "
+                        "are embedded, and the exit status is 1")
+    p.add_argument("--stop-on-bad", dest="skip_bad", action="store_false",
+                   help="stop at the first unreadable image instead (exit 2)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -120,6 +131,18 @@ def _console() -> Any:
 
 
 
+
+
+def _report_unreadable(unreadable: list[dict[str, Any]], where: Path) -> int:
+    """One line per image left out, and the batch exit status (README: 1 when any input could not be read)."""
+    from covidcxr.service.jobs import batch_exit_code
+
+    for bad in unreadable:
+        log.error("left out (manifest row %s): %s", bad["row"], bad["reason"])
+    if unreadable:
+        log.error("%d image(s) could not be read and are not in %s (listed there: build info / unreadable-*.json)",
+                  len(unreadable), where)
+    return batch_exit_code(["error"] * len(unreadable))
 
 
 def _summary(index: Any) -> str:
@@ -148,8 +171,8 @@ def _embed(args: argparse.Namespace, out: Path) -> Any:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     args.model = model_dir(args.model)
-    _embed(args, args.out)
-    return 0
+    summary = _embed(args, args.out)
+    return _report_unreadable(summary.unreadable, args.out) if summary.rank == 0 else 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -178,7 +201,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         console = _console()
         console.print(f"index: {args.out}")
         console.print(_summary(index))
-        return 0
+        from covidcxr.retrieval.shards import unreadable_rows
+
+        return _report_unreadable(unreadable_rows(args.from_embeddings), args.out)
     args.model = model_dir(args.model)
     index = jobs.build_index(args.model, args.manifest, args.out, split=args.split, device=args.device,
                              pca_dim=args.pca_dim, whiten=args.whiten, kind=args.kind, thumbnails=args.thumbnails,
@@ -188,10 +213,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"index: {args.out}")
     console.print(_summary(index))
-    skipped = index.build_info.get("n_skipped", 0)
-    if skipped:
-        console.print(f"skipped {skipped} unreadable image(s) (see the warnings above)")
-    return 0
+    return _report_unreadable(index.build_info.get("unreadable", []), args.out)
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
@@ -204,7 +226,8 @@ def _cmd_add(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"added {n} case(s) to {args.index}")
     console.print(_summary(index))
-    return 0
+    additions = index.build_info.get("additions", [])
+    return _report_unreadable(additions[-1].get("unreadable", []) if n and additions else [], args.index)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -259,13 +282,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
                         sheet=args.sheet, device=args.device)
     if args.json:
         print(json.dumps({"image": str(args.image), "prob": found.prob, "label": found.label,
-                          "threshold": found.threshold, "matches": found.rows,
+                          "no_result_reason": found.no_result_reason, "threshold": found.threshold,
+                          "matches": found.rows,
                           "sheet": str(args.sheet) if args.sheet else None}, indent=2))
         return 0
     console = _console()
     excluded = f"; excluding patient(s) {', '.join(args.exclude_patient)}" if args.exclude_patient else ""
-    table = Table(title=f"{args.image.name}: P(covid) {found.prob:.3f} -> {found.label} (threshold "
-                        f"{found.threshold:.3f}){excluded}")
+    verdict = (f"P(covid) {found.prob:.3f} -> {found.label} (threshold {found.threshold:.3f})"
+               if found.prob is not None else found.no_result_reason)
+    table = Table(title=f"{args.image.name}: {verdict}{excluded}")
     for col in ("rank", "similarity", "case", "patient", "label", "source", "view"):
         table.add_column(col, justify="right" if col in ("rank", "similarity") else "left")
     for r in found.rows:

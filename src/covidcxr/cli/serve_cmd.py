@@ -50,12 +50,12 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "explain",
-        help="write a Grad-CAM heat map overlay of one image and its share of heat inside the lungs",
+        help="write a Grad-CAM heat map overlay of each image and its share of heat inside the lungs",
     )
-    p.add_argument("image", type=Path, help="PNG, JPEG, TIFF or DICOM chest X-ray")
+    p.add_argument("images", type=Path, nargs="+", help="PNG, JPEG, TIFF or DICOM chest X-rays")
     p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--mask", type=Path, default=None, help="lung mask image (default: predicted)")
+    p.add_argument("--mask", type=Path, default=None, help="lung mask image of the one image (default: predicted)")
     p.add_argument("--segmenter", type=Path, default=None,
                    help="lung U-Net weights (default: the model's own segmenter, else the shipped one)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -97,19 +97,26 @@ def _url_host(host: str) -> str:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from covidcxr.service.explain import explain_file
+    from covidcxr.service.explain import explain_files
+    from covidcxr.service.jobs import batch_exit_code
 
     args.model = model_dir(args.model)
-    summary = explain_file(args.image, args.model, args.out, mask_path=args.mask,
-                           segmenter_weights=args.segmenter, device=args.device)
+    summaries = explain_files(args.images, args.model, args.out, mask_path=args.mask,
+                              segmenter_weights=args.segmenter, device=args.device)
     if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    energy = summary["lung_energy_fraction"]
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
+        return batch_exit_code([s["status"] for s in summaries])
+    for summary in summaries:
+        _print_explanation(summary)
+    return batch_exit_code([s["status"] for s in summaries])
+
+
+def _print_explanation(summary: dict[str, Any]) -> None:
+    image, energy = summary["image"], summary.get("lung_energy_fraction")
     if summary["status"] != "ok":
-        print(f"{args.image}: {summary['no_result_reason']}")
-        return 1
-    print(f"{args.image}: COVID probability {summary['probability']:.3f} -> {summary['label']} "
+        print(f"{image}: {summary['no_result_reason']}")
+        return
+    print(f"{image}: COVID probability {summary['probability']:.3f} -> {summary['label']} "
           f"(threshold {summary['threshold']:.3f})")
     print("heat inside lungs: " + ("n/a (empty heat map)" if energy is None else f"{energy:.0%}")
           + ("  <- the model looked mostly outside the lungs" if summary["explanation_flags"] else ""))
@@ -117,4 +124,5 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         print("lung QC flags: " + ", ".join(summary["qc_flags"]))
     for name, path in summary["files"].items():
         print(f"  {name}: {path}")
-    return 0
+
+

@@ -461,3 +461,77 @@ def _write_synth_dicom(rng, path, image, view, pid, study_date, uid_key) -> None
         rescale=rescale,
         instance_uid=generate_uid(entropy_srcs=[uid_key]),
     )
+
+
+PICTURE_KINDS = ("noise", "smooth_noise", "gradient", "radial", "shapes", "text", "stripes", "checkerboard", "blank")
+
+
+def draw_picture(rng: np.random.Generator, kind: str | None = None, size: int | tuple[int, int] | None = None
+                 ) -> np.ndarray:
+    """Draw one synthetic picture that is not a chest X-ray (for the input-type check and its tests).
+
+    Args:
+        rng: Random generator (the only source of randomness).
+        kind: One of :data:`PICTURE_KINDS`; None draws one.
+        size: ``(height, width)`` or a side; None draws 64-512 pixels per side.
+
+    Returns:
+        float32 ``H x W`` image in [0, 1].
+
+    Raises:
+        ConfigError: Unknown kind.
+    """
+    from PIL import Image, ImageDraw
+
+    kind = kind if kind is not None else str(rng.choice(PICTURE_KINDS))
+    if kind not in PICTURE_KINDS:
+        raise ConfigError(f"picture kind {kind!r}: expected one of {PICTURE_KINDS}")
+    if size is None:
+        h, w = (int(v) for v in rng.integers(64, 513, size=2))
+    else:
+        h, w = (size, size) if isinstance(size, int) else size
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    if kind == "noise":
+        img = rng.random((h, w)) if rng.random() < 0.5 else rng.normal(0.5, rng.uniform(0.05, 0.3), (h, w))
+    elif kind == "smooth_noise":
+        img = gaussian_filter(rng.normal(size=(h, w)), rng.uniform(2, 20))
+    elif kind == "gradient":
+        a = rng.uniform(0, 2 * np.pi)
+        img = np.cos(a) * xx + np.sin(a) * yy
+    elif kind == "radial":
+        cy, cx = rng.uniform(0, h / max(h, w)), rng.uniform(0, w / max(h, w))
+        r = np.hypot(yy - cy, xx - cx)
+        img = np.sin(rng.uniform(5, 60) * r) if rng.random() < 0.5 else -r
+    elif kind == "stripes":
+        a = rng.uniform(0, np.pi)
+        img = np.sin(rng.uniform(10, 80) * (np.cos(a) * xx + np.sin(a) * yy))
+    elif kind == "checkerboard":
+        n = rng.uniform(3, 16)
+        img = ((np.floor(xx * n) + np.floor(yy * n)) % 2).astype(float)
+    elif kind == "blank":
+        img = np.full((h, w), rng.uniform(0, 1)) + rng.normal(0, 0.01, (h, w))
+    else:  # shapes or text on a plain background
+        canvas = Image.new("L", (w, h), int(rng.integers(0, 256)))
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(2, 12))):
+            fill = int(rng.integers(0, 256))
+            if kind == "text":
+                x0, y0 = int(rng.integers(0, max(w - 20, 1))), int(rng.integers(0, max(h - 10, 1)))
+                word = "".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnop0123456789"), 20))
+                draw.text((x0, y0), word, fill=fill, font_size=float(rng.uniform(8, 48)))
+            else:
+                x0, x1 = sorted(rng.integers(0, w, 2).tolist())
+                y0, y1 = sorted(rng.integers(0, h, 2).tolist())
+                shape = rng.integers(0, 3)
+                if shape == 0:
+                    draw.ellipse((x0, y0, x1, y1), fill=fill)
+                elif shape == 1:
+                    draw.rectangle((x0, y0, x1, y1), fill=fill)
+                else:
+                    draw.polygon([tuple(p) for p in rng.integers(0, (w, h), (int(rng.integers(3, 7)), 2)).tolist()],
+                                 fill=fill)
+        img = np.asarray(canvas, dtype=np.float64)
+    img = np.asarray(img, dtype=np.float64)
+    lo, hi = float(img.min()), float(img.max())
+    img = (img - lo) / (hi - lo) if hi - lo > 1e-9 else np.clip(img, 0, 1)
+    return img.astype(np.float32)

@@ -119,12 +119,19 @@ def write_json(path: str | Path, data: Any) -> Path:
     Returns:
         ``path``.
     """
+    return write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically: a temporary file in the same folder, then a rename.
+
+    An earlier file at ``path`` stays as it was until the new one is complete.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(json_safe(data), fh, indent=2, allow_nan=False)
-            fh.write("\n")
+            fh.write(text)
         os.chmod(tmp, readable_mode())  # mkstemp makes 0600 files; a shared model or report must stay readable
         os.replace(tmp, path)
     except BaseException:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class EmbedSummary:
     seconds: float
     world_size: int
     rank: int = 0
+    unreadable: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _first(batch: list[int]) -> int:
@@ -78,6 +79,9 @@ class ShardEmbedder(L.LightningModule):
         part = self.rows.iloc[self.plan.rows_of(shard)]
         done, emb = predict_manifest(self.artifact, part, embeddings=True, batch_size=self.batch_size,
                                      num_workers=self.num_workers, skip_bad=self.skip_bad)
+        # Unreadable images by their manifest row (the loop numbers the rows of this shard).
+        done.attrs["unreadable"] = [{**bad, "row": int(part["_row"].iloc[bad["row"]])}
+                                    for bad in done.attrs.get("unreadable", [])]
         return {"shard": shard, "embeddings": emb, "rows": done}
 
 
@@ -93,8 +97,14 @@ class ShardWriter(BasePredictionWriter):
         if prediction is None:
             return
         rows = prediction["rows"]
+        bad = rows.attrs.get("unreadable", [])
+        if bad:  # written before the shard: a finished shard's unreadable rows are always on record
+            from covidcxr.io.files import write_json
+
+            write_json(shards.unreadable_path(self.out, prediction["shard"]), bad)
         shards.write_shard(self.out, prediction["shard"], prediction["embeddings"], rows,
                            rows["_row"].to_numpy())
+
 
 
 def _global_rank() -> int:
@@ -183,4 +193,4 @@ def embed_to_shards(
         trainer.strategy.barrier("covidcxr-embed-done")  # every rank's last shard is on disk before we count
     embedded = sum(shards.shard_path(out, i).is_file() for i in todo)
     return EmbedSummary(out, plan.n_rows, plan.n_shards, embedded, plan.n_shards - len(todo),
-                        time.perf_counter() - t0, trainer.world_size, trainer.global_rank)
+                        time.perf_counter() - t0, trainer.world_size, trainer.global_rank, shards.unreadable_rows(out))

@@ -65,6 +65,18 @@ class ShardPlan:
         return slice(shard * self.shard_size, min(self.n_rows, (shard + 1) * self.shard_size))
 
 
+def unreadable_path(directory: str | Path, shard: int) -> Path:
+    """The record of a shard's unreadable images (``[{row, image, reason}]``; written only when there were any)."""
+    return Path(directory) / f"unreadable-{shard:05d}.json"
+
+
+def unreadable_rows(directory: str | Path) -> list[dict[str, Any]]:
+    """Every unreadable image an embedding run in ``directory`` left out, in shard order."""
+    import json
+
+    return [bad for path in sorted(Path(directory).glob("unreadable-*.json")) for bad in json.loads(path.read_text())]
+
+
 def shard_path(directory: str | Path, shard: int) -> Path:
     """File of shard ``shard``."""
     return Path(directory) / f"shard-{shard:05d}.npz"

@@ -245,7 +245,8 @@ def build_index(
     t0 = time.perf_counter()
     emb, rows = embed_manifest(artifact, df, batch_size, progress, skip_bad=skip_bad, num_workers=num_workers)
     seconds = time.perf_counter() - t0
-    extra = {"n_skipped": len(df) - len(rows), "embed_seconds": round(seconds, 2), **(info or {})}
+    extra = {"n_skipped": len(df) - len(rows), "unreadable": rows.attrs.get("unreadable", []),
+             "embed_seconds": round(seconds, 2), **(info or {})}
     return index_from_embeddings(artifact, emb, rows, out, pca_dim=pca_dim, whiten=whiten, kind=kind,
                                  thumbnails=thumbnails, force=force, num_workers=num_workers, info=extra)
 
@@ -316,6 +317,7 @@ def add_to_index(
         index.build_info = dict(index.build_info)
         index.build_info["additions"] = [*index.build_info.get("additions", []), {
             "manifest": rows.attrs.get("manifest"), "n": len(rows), "n_skipped": len(df) - len(rows),
+            "unreadable": rows.attrs.get("unreadable", []),
             "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }]
         _save_index(index, index_dir, staging)
@@ -375,6 +377,7 @@ def search_image(
     image: np.ndarray,
     k: int = 5,
     exclude_patients: Any = None,
+    prediction: Any = None,
 ) -> tuple[list[Match], float]:
     """The k most similar indexed cases of one image.
 
@@ -384,11 +387,12 @@ def search_image(
         image: float32 ``H x W`` in [0, 1].
         k: Number of neighbours.
         exclude_patients: A patient id or a collection of ids whose cases are skipped.
+        prediction: The model's prediction of ``image`` with embeddings, when the caller already has it.
 
     Returns:
         ``(matches, prob)``: the matches, best first, and the model's probability of COVID for the image.
     """
-    pred = artifact.predict([image], embeddings=True)
+    pred = prediction if prediction is not None else artifact.predict([image], embeddings=True)
     if exclude_patients is not None and not isinstance(exclude_patients, str | int):
         exclude_patients = [list(exclude_patients)]
     with faiss_threads(1):

@@ -100,7 +100,7 @@ def predict_to_dir(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from covidcxr.io.files import save_png
+    from covidcxr.io.files import save_png, write_text
     from covidcxr.io.image import load_image
 
     inputs = _collect_inputs(source)
@@ -150,5 +150,5 @@ def predict_to_dir(
     columns = ["image", "name", "mask_png", "overlay_png", "height", "width", "lung_fraction", "confidence",
                "qc_flags", "qc_message", "error"]
     table = pd.DataFrame.from_records(records).reindex(columns=columns)
-    table.to_csv(csv_path, index=False)
+    write_text(csv_path, table.to_csv(index=False))  # an earlier table stays whole until this one is
     return table

@@ -110,7 +110,7 @@ def analyze_one(
     energy = lung_energy_fraction(heat, mask)
     qc_all = sorted(set(qc) | set(pred.qc_flags[0] if pred.qc_flags else []))
     pred.qc_flags = [qc_all]
-    checked = artifact.gate(pred)[0]  # no verdict on what is not a usable frontal chest X-ray
+    checked = artifact.gate(pred, [image])[0]  # no verdict on what is not a usable frontal chest X-ray
     return Analysis(
         prediction=pred, mask=mask, lung_fraction=lung_fraction,
         qc_flags=qc_all, heatmap=heat, lung_energy_fraction=energy,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from covidcxr.errors import ConfigError
 from covidcxr.service.analysis import analyze_one, pick_segmenter
+
+log = logging.getLogger(__name__)
 
 
 def explain_file(
@@ -39,15 +42,57 @@ def explain_file(
         ModelError: Missing or corrupt model.
         ConfigError: The mask does not match the image size.
     """
+    return explain_files([image_path], model_dir, out_dir, mask_path=mask_path, segmenter_weights=segmenter_weights,
+                         device=device, on_error="raise")[0]
+
+
+def explain_files(
+    image_paths: list[str | Path],
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    mask_path: str | Path | None = None,
+    segmenter_weights: str | Path | None = None,
+    device: str = "auto",
+    on_error: str = "report",
+) -> list[dict[str, Any]]:
+    """:func:`explain_file` for several images with one model; an unreadable image gets a summary with ``status``
+    ``error`` and the reason (``on_error='report'``) and the others go on, or stops the batch (``'raise'``).
+
+    Raises:
+        ConfigError: ``mask_path`` with more than one image.
+        ModelError: Missing or corrupt model.
+    """
+    from covidcxr.classification.artifact import load_artifact
+    from covidcxr.errors import ImageError
+
+    if mask_path is not None and len(image_paths) != 1:
+        raise ConfigError(f"a lung mask ({mask_path}) fits one image, got {len(image_paths)}")
+    artifact = load_artifact(model_dir, device)
+    segmenter, key = pick_segmenter(artifact, segmenter_weights) if mask_path is None else (None, None)
+    summaries = []
+    for image_path in image_paths:
+        try:
+            summaries.append(_explain_one(artifact, image_path, Path(out_dir), mask_path, segmenter, key))
+        except (ImageError, ConfigError) as exc:
+            if on_error == "raise" or mask_path is not None:  # with --mask: one image, its arguments are wrong
+                raise
+            log.error("%s", exc)
+            reason = str(exc) if str(image_path) in str(exc) else f"{image_path}: {exc}"
+            summaries.append({"image": str(image_path), "status": "error", "no_result_reason": f"error: {reason}",
+                              "probability": None, "label": None, "files": {}})
+    return summaries
+
+
+def _explain_one(artifact: Any, image_path: str | Path, out: Path, mask_path: str | Path | None, segmenter: Any,
+                 key: str | None) -> dict[str, Any]:
     import json
 
-    from covidcxr.classification.artifact import load_artifact
     from covidcxr.classification.explain import explanation_from, outline_rgba, save_explanation
     from covidcxr.io.files import save_png
     from covidcxr.io.image import load_image
 
-    image_path, out = Path(image_path), Path(out_dir)
-    artifact = load_artifact(model_dir, device)
+    image_path = Path(image_path)
     image, _ = load_image(image_path)
     if mask_path is not None:
         mask_img, _ = load_image(mask_path)
@@ -56,7 +101,6 @@ def explain_file(
         except ConfigError as exc:
             raise ConfigError(f"{mask_path}: {exc}") from exc
     else:
-        segmenter, key = pick_segmenter(artifact, segmenter_weights)
         result = analyze_one(artifact, image, segmenter=segmenter, segmenter_key=key)
     pred, mask = result.prediction, result.mask
     expl = explanation_from(pred, image, mask, n_members=len(artifact.members))

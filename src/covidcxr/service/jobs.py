@@ -21,6 +21,16 @@ from covidcxr.vocab import LABELS
 log = logging.getLogger(__name__)
 
 
+EXIT_RULE = ("exit status of batch commands: 0 every input answered (a result, or no result with its reason), "
+             "1 some inputs could not be read or processed (each reported with its reason; the outputs hold "
+             "the rest), 2 the command could not run (bad arguments, model or manifest): nothing written")
+
+
+def batch_exit_code(statuses: Sequence[str]) -> int:
+    """The one exit-status rule of batch commands (:data:`EXIT_RULE`): 1 when any input's status is ``error``."""
+    return 1 if any(s == "error" for s in statuses) else 0
+
+
 @dataclass
 class Predictions:
     """Per-image results of a model with the threshold and model identity they came from."""
@@ -42,7 +52,9 @@ def predict_files(images: Sequence[str | Path], model: str | Path, *, device: st
 
     Returns:
         :class:`Predictions` with a table ``image, status, prob_covid, label, qc_flags, no_result_reason`` in the
-        order given; ``prob_covid`` and ``label`` are empty where the input gate gave no result. With
+        order given; ``prob_covid`` and ``label`` are empty where the input gate gave no result (``no_result``) or
+        the file could not be read (``error``, the reason in ``no_result_reason``): one bad file never stops the
+        batch. With
         ``dicom_out`` the table also has ``dicom_files`` (the files written, ``;``-separated), and DICOM rows carry
         the values of the written SR.
     """
@@ -50,7 +62,7 @@ def predict_files(images: Sequence[str | Path], model: str | Path, *, device: st
 
     art = load_artifact(model, device)
     rows = pd.DataFrame({"image": [str(p) for p in images]})
-    pred, _ = art.predict_manifest(rows, batch_size=batch_size, num_workers=num_workers)
+    pred, _ = art.predict_manifest(rows, batch_size=batch_size, num_workers=num_workers, on_error="report")
     ok = pred["status"] == "ok"
     table = pd.DataFrame({"image": pred["image"], "status": pred["status"],
                           "prob_covid": pred["prob"].where(ok), "label": pred["pred_label"].where(ok, ""),
@@ -84,7 +96,9 @@ def evaluate_manifest(manifest: str | Path, model: str | Path, out: str | Path, 
     (:func:`covidcxr.evaluation.honest.shortcut_warnings`: a two-label AUC far below the overall one, a high probe).
 
     Returns:
-        ``(metrics result, predictions)``; ``out/predictions.csv`` holds the predictions.
+        ``(metrics result, predictions)``; ``out/predictions.csv`` holds the predictions of every row (unreadable
+        images as ``status`` ``error`` rows with the reason; the metrics are of the readable rows, their count in
+        ``result["unreadable"]``).
 
     Raises:
         ConfigError: No ``split`` column for a named split, or no rows in it.
@@ -104,15 +118,23 @@ def evaluate_manifest(manifest: str | Path, model: str | Path, out: str | Path, 
     from covidcxr.evaluation.probe import source_probe
 
     art = load_artifact(model, device)
+    from covidcxr.io.files import write_text
+
     pred, emb = art.predict_manifest(df, batch_size=batch_size, num_workers=num_workers, progress=True,
-                                     embeddings=True)
+                                     embeddings=True, on_error="report")
     pred["y"] = (pred["label"] == LABELS[1]).astype(int)
+    readable = pred[pred["status"] != "error"].reset_index(drop=True)  # the rows ``emb`` holds, in order
+    if readable.empty:
+        raise ConfigError(f"{manifest}: none of the {len(pred)} images could be read (first: "
+                          f"{pred['no_result_reason'].iloc[0]})")
     # Held-out logistic regression only (grouped by patient): the probe is never scored on rows it was fitted on.
-    probe = source_probe(emb, pred["source"], pred["patient_id"]) if "source" in pred.columns else None
-    result = evaluate_predictions(pred, art.threshold, out, n_boot=n_boot,
+    probe = source_probe(emb, readable["source"], readable["patient_id"]) if "source" in readable.columns else None
+    result = evaluate_predictions(readable, art.threshold, out, n_boot=n_boot,
                                   title=f"{model.name} on {manifest.name} ({split})", source_probe=probe)
+    result["unreadable"] = [{"image": r.image, "reason": r.no_result_reason} for r in pred.itertuples()
+                            if r.status == "error"]
     out.mkdir(parents=True, exist_ok=True)
-    pred.to_csv(out / "predictions.csv", index=False)
+    write_text(out / "predictions.csv", pred.to_csv(index=False))
     return result, pred
 
 
@@ -181,13 +203,15 @@ def evaluate_retrieval(model: str | Path, manifest: str | Path, *, device: str =
 
 @dataclass
 class SearchResult:
-    """Similar cases of one image, with the model's probability and label."""
+    """Similar cases of one image, with the model's probability and label (None and ``no result`` when the input
+    gate gives no verdict: ``no_result_reason`` says why)."""
 
     matches: list[Any]
     rows: list[dict[str, Any]]
-    prob: float
+    prob: float | None
     label: str
     threshold: float
+    no_result_reason: str = ""
 
 
 def search(image_path: str | Path, index_dir: str | Path, model: str | Path | None = None, *, k: int = 8,
@@ -206,12 +230,15 @@ def search(image_path: str | Path, index_dir: str | Path, model: str | Path | No
         raise ConfigError(f"-k must be >= 1, got {k}")
     image, _ = load_image(image_path)
     index, art = load_index_and_model(index_dir, model, device)
-    matches, prob = search_image(art, index, image, k=k, exclude_patients=exclude_patients)
-    label = art.class_names[int(prob >= art.threshold)]
+    pred = art.predict([image], embeddings=True)
+    checked = art.gate(pred, [image])[0]  # the one input gate: no verdict on what is not a frontal CXR
+    matches, prob = search_image(art, index, image, k=k, exclude_patients=exclude_patients, prediction=pred)
+    label = art.class_names[int(prob >= art.threshold)] if checked.usable else "no result"
     if sheet is not None:
         contact_sheet(image, matches, sheet, index_dir=index_dir,
-                      query_title=f"query (model: {label})\nP(covid) {prob:.3f}")
-    return SearchResult(matches, match_rows(matches), float(prob), label, float(art.threshold))
+                      query_title=f"query (model: {label})" + (f"\nP(covid) {prob:.3f}" if checked.usable else ""))
+    return SearchResult(matches, match_rows(matches), float(prob) if checked.usable else None, label,
+                        float(art.threshold), checked.message)
 
 
 def segment_folder(source: str | Path, out: str | Path, *, weights: str | Path | None = None,

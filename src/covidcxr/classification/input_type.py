@@ -1,0 +1,249 @@
+"""What kind of picture an input is: an upright frontal chest X-ray, or a lateral view, a CT image, a radiograph
+turned on its side or upside down, another picture.
+
+A small perceptron (one hidden layer) on about 600 hand-made features of a 64 x 64 / 128 x 128 thumbnail (its
+normalised pixels at 16 x 16, row and column profiles, gradient-orientation histograms per cell, intensity
+histograms and percentiles, fine texture, the aspect ratio). It knows nothing about the COVID-19 classifier, so it is not refitted when that model
+changes, and inference is numpy + Pillow (no torch, no network runtime): coefficients in ``weights/input_type.npz``,
+settings and figures in ``weights/input_type.json``, trained and cross-validated by patient with
+``benchmarks/input_gate.py`` (model card ``weights/INPUT_TYPE_CARD.md``).
+
+An image is accepted as a frontal chest X-ray when ``P(frontal) >= threshold``; otherwise the most probable other
+kind names what it looked like. Radiographs turned by 90/180/270 degrees or flipped upside down are refused, not
+turned upright (see the card); a left-right mirror image is not told apart (measured: learning it refused 5-7 % of
+real frontal CXRs in a cross-validated trial while choosing the design, see the card).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidcxr.errors import ConfigError, ModelError, NotFittedError
+from covidcxr.io.image import check_gray
+
+log = logging.getLogger(__name__)
+
+FRONTAL = "frontal"
+KINDS: tuple[str, ...] = (FRONTAL, "rotated", "lateral", "ct", "other")
+"""Classes, index 0 = an upright frontal chest X-ray (the only kind given a verdict)."""
+LOOKS_LIKE = {
+    "rotated": "it looks like a chest X-ray turned on its side or upside down",
+    "lateral": "it looks like a lateral view, not a frontal chest X-ray",
+    "ct": "it looks like a CT image, not a chest X-ray",
+    "other": "it looks like a picture other than a chest X-ray",
+}
+"""What a refusal says, per kind (at most 64 characters: also the meaning of the reason's code in a DICOM SR)."""
+THUMB = 64
+WEIGHTS_NAME = "input_type"
+
+
+def image_features(image: np.ndarray) -> np.ndarray:
+    """The classifier's features of one grey image (float32 ``H x W`` in [0, 1]), a 1-D float64 vector.
+
+    The image is shrunk to 128 x 128 and 64 x 64 (Pillow, bilinear, antialiased; the aspect ratio is kept as a
+    feature); the 64 x 64 one standardised gives 16 x 16 pixels, 64 row and 64 column means and 8 signed
+    gradient-orientation bins (so up and down differ) per cell of a 4 x 4 grid; the raw intensities give a 16-bin
+    histogram, percentiles (whole image and centre) and moments; the 128 x 128 one a Laplacian texture map.
+    """
+    from PIL import Image
+
+    arr = check_gray(image)
+    h, w = arr.shape
+    pil = Image.fromarray(np.ascontiguousarray(arr, np.float32))
+    fine = np.clip(np.asarray(pil.resize((2 * THUMB, 2 * THUMB), Image.Resampling.BILINEAR), dtype=np.float64), 0, 1)
+    raw = fine.reshape(THUMB, 2, THUMB, 2).mean(axis=(1, 3))
+    z = (raw - raw.mean()) / (raw.std() + 1e-3)
+    thumb = z.reshape(16, 4, 16, 4).mean(axis=(1, 3)).ravel()
+    rows, cols = z.mean(axis=1), z.mean(axis=0)
+    gy, gx = np.gradient(z)
+    mag = np.hypot(gx, gy)
+    ang = np.mod(np.arctan2(gy, gx), 2 * np.pi)
+    bins = np.minimum((ang / (2 * np.pi) * 8).astype(int), 7)
+    cells = np.zeros((4, 4, 8))
+    cy, cx = np.divmod(np.arange(THUMB * THUMB), THUMB)
+    np.add.at(cells, (cy // 16, cx // 16, bins.ravel()), mag.ravel())
+    cells = cells / (cells.sum(axis=2, keepdims=True) + 1e-6)
+    hist = np.histogram(raw, bins=16, range=(0.0, 1.0))[0] / raw.size
+    moments = [raw.mean(), raw.std(), float(np.mean(raw < 0.02)), float(np.mean(raw > 0.98)), np.log(h / w),
+               float(np.mean(mag)), float(np.mean(np.abs(z[:, ::-1] - z)))]  # the last: left-right asymmetry
+    # Texture at 128 x 128: CT lungs are near-black and flat, radiographs grey and noisy.
+    lap = np.abs(4 * fine[1:-1, 1:-1] - fine[:-2, 1:-1] - fine[2:, 1:-1] - fine[1:-1, :-2] - fine[1:-1, 2:])
+    lap_cells = lap[:124, :124].reshape(4, 31, 4, 31).mean(axis=(1, 3)).ravel() / (fine.std() + 1e-3)
+    centre = fine[32:96, 32:96]
+    texture = [*np.percentile(fine, (1, 5, 25, 50, 75, 95, 99)), *np.percentile(centre, (1, 5, 25, 50, 75, 95, 99)),
+               float(np.mean(centre < 0.05)), float(np.mean(lap < 0.005)), float(np.log(lap.mean() + 1e-6))]
+    return np.concatenate([thumb, rows, cols, cells.ravel(), hist, moments, lap_cells, texture]).astype(np.float64)
+
+
+def feature_matrix(images: Sequence[np.ndarray]) -> np.ndarray:
+    """Stacked :func:`image_features` ``(N, F)``."""
+    feats = [image_features(im) for im in images]
+    return np.stack(feats) if feats else np.zeros((0, 0))
+
+
+@dataclass
+class InputType:
+    """What one input looked like.
+
+    Attributes:
+        kind: The most probable kind (``frontal`` when accepted).
+        frontal: Whether it is accepted as an upright frontal chest X-ray.
+        p_frontal: Probability of ``frontal``.
+        probs: Probability per kind.
+    """
+
+    kind: str
+    frontal: bool
+    p_frontal: float
+    probs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        """What a refusal says ("it looks like a CT image, ..."); empty when accepted."""
+        return "" if self.frontal else LOOKS_LIKE.get(self.kind, f"it looks like {self.kind}")
+
+
+class InputTypeClassifier:
+    """Frontal chest X-ray or not, and what else (see the module docstring).
+
+    A one-hidden-layer perceptron on standardised :func:`image_features`; training uses scikit-learn, the fitted
+    state is plain arrays (``mean_``, ``scale_``, ``weights_``, ``biases_``) applied with numpy.
+
+    Args:
+        hidden: Hidden units.
+        alpha: L2 penalty.
+        threshold: Smallest ``P(frontal)`` accepted.
+        max_iter: Training epochs (Adam).
+    """
+
+    def __init__(self, *, hidden: int = 128, alpha: float = 1e-3, threshold: float = 0.5, max_iter: int = 200) -> None:
+        if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+            raise ConfigError(f"hidden={hidden!r}: expected a positive integer")
+        if not alpha >= 0:
+            raise ConfigError(f"alpha={alpha!r}: expected a non-negative number")
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"threshold={threshold!r}: expected a value in (0, 1)")
+        self.hidden = hidden
+        self.alpha = alpha
+        self.threshold = threshold
+        self.max_iter = max_iter
+
+    def fit(self, features: np.ndarray, kinds: Sequence[str], *, seed: int = 0) -> InputTypeClassifier:
+        """Fit on a feature matrix (:func:`feature_matrix`) and one kind (of :data:`KINDS`) per row."""
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.neural_network import MLPClassifier
+
+        x = np.asarray(features, dtype=np.float64)
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown:
+            raise ConfigError(f"unknown input kinds {unknown}; expected some of {KINDS}")
+        if x.ndim != 2 or len(x) != len(kinds):
+            raise ConfigError(f"features of shape {x.shape} for {len(kinds)} kinds")
+        if FRONTAL not in kinds or len(set(kinds)) < 2:
+            raise ConfigError("training needs frontal images and at least one other kind")
+        y = np.array([KINDS.index(k) for k in kinds])
+        self.mean_ = x.mean(axis=0)
+        self.scale_ = x.std(axis=0) + 1e-6
+        clf = MLPClassifier((self.hidden,), alpha=self.alpha, max_iter=self.max_iter, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=ConvergenceWarning, module="sklearn")
+            clf.fit((x - self.mean_) / self.scale_, y)
+        w_out, b_out = clf.coefs_[1], clf.intercepts_[1]
+        if len(clf.classes_) == 2:  # sklearn's binary form: one logistic output for the second class
+            w_out, b_out = np.concatenate([np.zeros_like(w_out), w_out], 1), np.concatenate([[0.0], b_out])
+        # Logits for every kind; kinds absent from training are never predicted.
+        out_w = np.zeros((self.hidden, len(KINDS)))
+        out_b = np.full(len(KINDS), -1e9)
+        out_w[:, clf.classes_], out_b[clf.classes_] = w_out, b_out
+        self.weights_ = [clf.coefs_[0], out_w]
+        self.biases_ = [clf.intercepts_[0], out_b]
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "weights_"):
+            raise NotFittedError("InputTypeClassifier is not fitted: call fit() or load()")
+
+    def predict_proba_features(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities ``(N, len(KINDS))`` of feature rows."""
+        self._check_fitted()
+        x = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        if x.shape[1] != len(self.mean_):
+            raise ConfigError(f"{x.shape[1]} features; the classifier was fitted on {len(self.mean_)}")
+        hidden = np.maximum(((x - self.mean_) / self.scale_) @ self.weights_[0] + self.biases_[0], 0.0)
+        logits = hidden @ self.weights_[1] + self.biases_[1]
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def decide(self, probs: np.ndarray) -> list[InputType]:
+        """One :class:`InputType` per probability row."""
+        out = []
+        for p in np.atleast_2d(probs):
+            frontal = bool(p[0] >= self.threshold)
+            kind = FRONTAL if frontal else KINDS[1 + int(np.argmax(p[1:]))]
+            out.append(InputType(kind, frontal, float(p[0]), {k: round(float(v), 4) for k, v in zip(KINDS, p)}))
+        return out
+
+    def check(self, images: Sequence[np.ndarray]) -> list[InputType]:
+        """What each image looks like."""
+        if not len(images):
+            return []
+        return self.decide(self.predict_proba_features(feature_matrix(images)))
+
+    def save(self, stem: str | Path, info: dict[str, Any] | None = None) -> None:
+        """Write ``<stem>.npz`` (arrays) and ``<stem>.json`` (settings, kinds and ``info``)."""
+        self._check_fitted()
+        stem = Path(stem)
+        np.savez_compressed(stem.with_suffix(".npz"), mean=self.mean_, scale=self.scale_, w0=self.weights_[0],
+                            b0=self.biases_[0], w1=self.weights_[1], b1=self.biases_[1])
+        meta = {"kinds": list(KINDS), "hidden": self.hidden, "alpha": self.alpha, "threshold": self.threshold,
+                "thumb": THUMB, "n_features": len(self.mean_), **(info or {})}
+        stem.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, stem: str | Path | None = None) -> InputTypeClassifier:
+        """Read a saved classifier (default: the one shipped in the package).
+
+        Raises:
+            ModelError: A file is missing or corrupt, or was saved with other kinds.
+        """
+        stem = Path(stem) if stem is not None else default_stem()
+        try:
+            meta = json.loads(stem.with_suffix(".json").read_text())
+            with np.load(stem.with_suffix(".npz")) as data:
+                arrays = {k: data[k].astype(np.float64) for k in ("mean", "scale", "w0", "b0", "w1", "b1")}
+        except (OSError, KeyError, ValueError) as exc:
+            raise ModelError(f"{stem}.npz/.json: cannot read the input-type classifier ({exc})") from exc
+        if tuple(meta.get("kinds", ())) != KINDS or meta.get("thumb") != THUMB:
+            raise ModelError(f"{stem}.json: saved for kinds {meta.get('kinds')} / thumbnail {meta.get('thumb')}, "
+                             f"this version expects {list(KINDS)} / {THUMB}")
+        obj = cls(hidden=int(meta["hidden"]), alpha=float(meta["alpha"]), threshold=float(meta["threshold"]))
+        obj.mean_, obj.scale_ = arrays["mean"], arrays["scale"]
+        obj.weights_, obj.biases_ = [arrays["w0"], arrays["w1"]], [arrays["b0"], arrays["b1"]]
+        return obj
+
+
+def default_stem() -> Path:
+    """Path stem of the shipped classifier (``weights/input_type.npz`` / ``.json`` in the package)."""
+    return Path(__file__).resolve().parents[1] / "weights" / WEIGHTS_NAME
+
+
+@lru_cache(maxsize=1)
+def shipped() -> InputTypeClassifier:
+    """The package's input-type classifier, loaded once per process."""
+    return InputTypeClassifier.load()
+
+
+def check_inputs(images: Sequence[np.ndarray]) -> list[InputType]:
+    """What each image looks like, by the shipped classifier (the input gate's first question)."""
+    return shipped().check(images)
