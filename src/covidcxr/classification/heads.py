@@ -200,11 +200,19 @@ class HeadEnsemble:
 
 
 def oof_margins(head_factory: Any, x: np.ndarray, y: np.ndarray, source: np.ndarray, both: np.ndarray,
-                folds: np.ndarray) -> np.ndarray:
-    """Out-of-fold logits: for each fold, a fresh head fitted on the other folds scores the held-out rows."""
+                folds: np.ndarray, x_extra: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold logits: for each fold, a fresh head fitted on the other folds scores the held-out rows.
+
+    ``x_extra``: embeddings of altered copies of every row (e.g. re-acquired images); the training folds' copies
+    join the fit, the held-out rows are scored as they are.
+    """
     out = np.full(len(y), np.nan)
     for f in np.unique(folds[folds >= 0]):
         te, tr = folds == f, folds != f
-        head = head_factory().fit(x[tr], y[tr], source[tr], both[tr])
+        if x_extra is None:
+            head = head_factory().fit(x[tr], y[tr], source[tr], both[tr])
+        else:
+            head = head_factory().fit(np.concatenate([x[tr], x_extra[tr]]), np.tile(y[tr], 2),
+                                      np.tile(source[tr], 2), np.tile(both[tr], 2))
         out[te] = head.decision_function(x[te])
     return out
