@@ -9,7 +9,8 @@ ImageNet EfficientNet-Lite0 features of the lung-masked image and linear heads
    negatives, not a validation split's 13) with :func:`covidcxr.classification.operating_point.fit_operating_point`,
 3. states the honest estimate (out-of-fold two-label ROC AUC, 95 % patient-bootstrap CI) in ``config.json``,
 4. fits the heads on every development row and writes a standard classifier artifact: the ImageNet network with
-   the collapsed head as its ``nn.Linear`` (float16 weights),
+   the collapsed head as its ``nn.Linear`` (float32 weights: the network computes exactly the features the heads
+   were fitted on),
 5. fits the input gate's reference: every development image's embedding, the threshold at the 99.5 % quantile of
    the out-of-fold distances (each image against the training images of the fold that did not see it),
 6. writes ``oof_predictions.csv`` (the stored evidence: a test recomputes the card's figures from it), the
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     run = args.out
     if run.exists():
         shutil.rmtree(run)
-    save_artifact(run, model, config, val_predictions=None, weights_dtype="float16")
+    save_artifact(run, model, config, val_predictions=None, weights_dtype="float32")
     cfg = json.loads((run / "config.json").read_text())
     cfg["segmenter"] = {"builtin": "lung_unet", "weights": default_weights_path().name,
                         "sha256": file_sha256(default_weights_path())}
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         {k: result.get(k) for k in ("overall", "both_label_sources", "per_source", "per_view", "threshold")},
         indent=1, default=float) + "\n")
 
-    # The network as shipped (float16 weights) must give what the heads computed.
+    # The network as shipped must give what the heads computed.
     art = load_artifact(run, "cpu")
     pick = np.arange(0, len(df), max(1, len(df) // 64))
     got, _ = art.forward_margins(torch.from_numpy(np.array(images[pick])), bf16=False)
@@ -294,7 +295,7 @@ def model_card(cfg: dict[str, Any], df: pd.DataFrame, oof: pd.DataFrame, result:
          f"frozen; input: the lung-masked image (segmentation mode `{cfg['seg_mode']}`, the package's lung U-Net, "
          f"SHA-256 `{cfg['segmenter']['sha256'][:16]}…`), {cfg['input_size']} px. Head: "
          + cfg["training"]["recipe"] + ". The heads are linear, so they collapse into the network's own "
-         "`nn.Linear`; float16 weights, SHA-256 checked on every load."),
+         "`nn.Linear`; float32 weights (the features the heads were fitted on), SHA-256 checked on every load."),
         "",
         ("Chosen out of fold in `benchmarks/results/shortcut.md` by the pooled two-label ROC AUC (never the overall "
          "one) among linear heads on frozen ImageNet and random features (three segmentation modes, final and "
