@@ -22,7 +22,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "covidcxr"
 
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "vocab": 0,
-    "device": 1, "io": 1,
+    "device": 1, "io": 1, "runtime": 1,
     "data": 2,
     "transforms": 3, "models": 3, "evaluation": 3, "training": 3,
     "segmentation": 4,

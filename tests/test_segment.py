@@ -134,11 +134,13 @@ def test_predict_returns_masks_at_input_size(tiny_weights: Path) -> None:
         segmenter.predict([np.zeros((4, 4, 3))])
 
 
-def test_bf16_precision_runs(tiny_weights: Path) -> None:
+def test_inference_is_float32_only(tiny_weights: Path) -> None:
     image = np.random.default_rng(1).random((40, 40), dtype=np.float32)
-    fp32 = LungSegmenter.load(tiny_weights).predict_proba([image])
-    bf16 = LungSegmenter.load(tiny_weights, precision="bf16").predict_proba([image])
-    assert np.abs(fp32 - bf16).max() < 0.05
+    auto = LungSegmenter.load(tiny_weights).predict_proba([image])
+    fp32 = LungSegmenter.load(tiny_weights, precision="fp32").predict_proba([image])
+    np.testing.assert_array_equal(auto, fp32)
+    with pytest.raises(ConfigError, match="float32 on ONNX Runtime"):
+        LungSegmenter.load(tiny_weights, precision="bf16")
     with pytest.raises(ConfigError, match="precision"):
         LungSegmenter.load(tiny_weights, precision="fp8")
 
