@@ -107,6 +107,15 @@ def export_classifier(model: nn.Module, path: str | Path, input_size: int, *, ch
     graph = _ClassifierGraph(model, gradcam_target_layer(model)).eval()
     x = torch.rand(2, 1, int(input_size), int(input_size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        store: list[torch.Tensor] = []
+        hook = graph.layer.register_forward_hook(lambda _m, _a, out: store.append(out))
+        try:
+            model.forward_features(x)
+        finally:
+            hook.remove()
+        if store[-1].ndim != 4 or store[-1].shape[1] != model.head.in_features:
+            raise ModelError(f"{getattr(model, 'arch', type(model).__name__)}: the heat-map layer's output has shape "
+                             f"{tuple(store[-1].shape)}, not (N, {model.head.in_features}, h, w) as the head needs")
         logits, feats, fmap, _ = graph(x)
         # Grad-CAM == CAM needs: the embedding is the plain spatial mean of the hooked map, and the head adds
         # nothing but a linear layer (dropout is the identity in eval mode).
