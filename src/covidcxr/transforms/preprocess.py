@@ -103,12 +103,8 @@ def preprocess(
     return standardise_intensity(out, cfg.intensity)[None]
 
 
-def to_uint8(x: Any) -> Any:
-    """Quantise a float image in [0, 1] to uint8 (training's compact augmentation cache); numpy or torch in/out."""
-    if hasattr(x, "detach"):  # a torch tensor (training code): same arithmetic, same type back
-        import torch
-
-        return torch.from_numpy(to_uint8(x.detach().cpu().numpy()))
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Quantise a float image in [0, 1] to uint8 (training's compact augmentation cache; CLAHE's 8-bit input)."""
     return np.round(np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
 
 
