@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import gzip
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -73,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from covidcxr.classification.loop import predict_manifest
     from covidcxr.classification.ood import BLOCKING_QC_FLAGS, fit_reference, gate
     from covidcxr.data.manifest import read_manifest
-    from covidcxr.io.files import write_json
-
     from covidcxr.device import available_cpus
+    from covidcxr.io.files import write_json
     from covidcxr.runtime import onnx_runtime_version
     t0 = time.perf_counter()
     art = load_artifact(shipped_model_dir(), "cpu")

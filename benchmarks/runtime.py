@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
-from _machine import cpu_flags, cpu_model  # noqa: E402
+from _machine import cpu_flags, cpu_model
 
 BASELINE_REF = "457160f"  # last commit whose inference ran on torch (before issue 18)
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -61,7 +61,7 @@ def load_average() -> list[float]:
 def run_process(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
     """Run a command and return its wall time in seconds; fails loudly on a non-zero exit."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -181,7 +181,8 @@ print(json.dumps(out))
 
 
 def python_json(code: str, args: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         raise SystemExit(f"in-process step failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -190,7 +191,7 @@ def python_json(code: str, args: list[str], env: dict[str, str], cwd: Path) -> d
 def parity(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, Any]:
     """How far two predict_manifest tables of the same rows differ."""
     both = a.merge(b, on="image", suffixes=("_a", "_b"))
-    qc_a, qc_b = both["qc_flags_a"].fillna(""), both["qc_flags_b"].fillna("")
+    qc_a, qc_b = (both[c].astype("string").fillna("") for c in ("qc_flags_a", "qc_flags_b"))
     return {"n": len(both), "max_abs_dprob": float(np.abs(both["prob_a"] - both["prob_b"]).max()),
             "label_flips": int((both["pred_label_a"] != both["pred_label_b"]).sum()),
             "qc_flag_differences": int((qc_a != qc_b).sum()),
@@ -208,9 +209,9 @@ def venv_size(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         wheel = next(dist.glob("covidcxr-*.whl"))
         subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)], check=True)
     du = subprocess.run(["du", "-sm", str(venv)], capture_output=True, text=True, check=True).stdout.split()[0]
-    probe = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; print([m for m in "
-                            "('torch','torchvision','lightning','monai','timm') if u.find_spec(m)])"],
-                           capture_output=True, text=True)
+    code = ("import importlib.util as u; "
+            "print([m for m in ('torch', 'torchvision', 'lightning', 'monai', 'timm') if u.find_spec(m)])")
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=False)
     return {"path": str(venv), "du_mb": int(du), "training_packages_present": probe.stdout.strip(),
             "command": f"du -sm {venv}"}
 
@@ -357,11 +358,11 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Inference runtime: ONNX Runtime (float32) vs the torch path",
         "",
-        f"`{r['command']}` on {m['cpus']} CPU cores ({m['cpu_model']}, flags {', '.join(m['cpu_flags']) or 'none'};"
-        f" {m['platform']}), {r['date']}; 1/5/15-min load average {m['load_average_before']} before, "
-        f"{m['load_average_after']} after (a shared machine: timings are upper bounds). Torch path: "
-        f"`git archive {r['baseline']['ref']}`, {r['baseline']['what']}. {r['n_images']} development CXRs "
-        "(the shipped model's validation rows).",
+        (f"`{r['command']}` on {m['cpus']} CPU cores ({m['cpu_model']}, flags {', '.join(m['cpu_flags']) or 'none'};"
+         f" {m['platform']}), {r['date']}; 1/5/15-min load average {m['load_average_before']} before, "
+         f"{m['load_average_after']} after (a shared machine: timings are upper bounds). Torch path: "
+         f"`git archive {r['baseline']['ref']}`, {r['baseline']['what']}. {r['n_images']} development CXRs "
+         "(the shipped model's validation rows)."),
         "",
         "| what | ONNX Runtime | torch path | target | holds |",
         "|---|---:|---:|---|:---:|",
@@ -369,25 +370,27 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [f"| {t['what']} | {t['measured']} | {t['torch_path']} | {t['target']} | {'yes' if t['holds'] else 'NO'} |"
               for t in r["targets"]]
     nets = r["networks_img_per_s"]
-    lines += ["", "Images/s per network, batch 16, "
+    lines += ["", ("Images/s per network, batch 16, "
               f"{m['cpus']} threads (onnxruntime {nets.get('onnxruntime_version')}, torch {nets.get('torch_version')}"
               + (f", OpenVINO {nets['openvino_version']}" if "openvino_version" in nets else ", OpenVINO not installed")
-              + "):", "", "| runtime | classifier | U-Net |", "|---|---:|---:|"]
+              + "):"), "", "| runtime | classifier | U-Net |", "|---|---:|---:|"]
     for key in ("torch_fp32", "onnxruntime_fp32", "openvino_f32", "openvino_bf16"):
         if key in nets:
             row = nets[key]
-            lines.append(f"| {key} | {row.get('classifier')} | {row.get('unet')} |")
+            prec = row.get("classifier_precision")
+            note = f" (computed in {prec.split(chr(39))[1]})" if prec and chr(39) in prec else ""
+            lines.append(f"| {key}{note} | {row.get('classifier')} | {row.get('unet')} |")
     ip = r["in_process"]
-    lines += ["", f"In process ({ip['n']} images): manifest loop {ip['manifest_loop_s']:.2f} s; bare networks "
-              f"{ip['bare_networks_s']:.2f} s (U-Net {ip['unet_s']:.2f} s + classifier {ip['classifier_s']:.2f} s); "
-              f"decoding alone {ip['decode_s']:.2f} s.", ""]
+    lines += ["", (f"In process ({ip['n']} images): manifest loop {ip['manifest_loop_s']:.2f} s; bare networks "
+                   f"{ip['bare_networks_s']:.2f} s (U-Net {ip['unet_s']:.2f} s + classifier {ip['classifier_s']:.2f} "
+                   f"s); decoding alone {ip['decode_s']:.2f} s."), ""]
     lines += ["Parity tables (n, max |dP|, label flips, QC differences, gate differences):", ""]
     for key, v in r["parity"].items():
         lines.append(f"- {key}: {v['n']}, {v['max_abs_dprob']:.2e}, {v['label_flips']}, {v['qc_flag_differences']}, "
                      f"{v['gate_status_differences']}")
     if "venv" in r:
-        lines += ["", f"Inference-only venv: `{r['venv']['command']}` = {r['venv']['du_mb']} MB; training packages "
-                      f"importable in it: {r['venv']['training_packages_present']}."]
+        lines += ["", (f"Inference-only venv: `{r['venv']['command']}` = {r['venv']['du_mb']} MB; training packages "
+                       f"importable in it: {r['venv']['training_packages_present']}.")]
     return "\n".join(lines) + "\n"
 
 

@@ -179,7 +179,7 @@ assert main(["predict", sample, "--out", {str(tmp_path / "p.csv")!r}]) == 0
 assert main(["explain", sample, "--out", {str(tmp_path / "x")!r}]) == 0
 assert main(["train", "--manifest", "m.csv", "--out", {str(tmp_path / "t")!r}]) == 2
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pip install 'covidcxr[train]'" in proc.stderr
     assert (tmp_path / "p.csv").is_file() and any((tmp_path / "x").iterdir())

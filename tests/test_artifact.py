@@ -12,7 +12,7 @@ import torch
 
 from covidcxr.classification.artifact import copy_artifact, load_artifact, save_artifact
 from covidcxr.classification.ensemble import build_ensemble
-from covidcxr.classification.inference import EnsembleArtifact, ModelArtifact
+from covidcxr.classification.inference import EnsembleArtifact
 from covidcxr.classification.loop import MaskCache
 from covidcxr.errors import ConfigError, ModelError
 from covidcxr.io.files import file_sha256

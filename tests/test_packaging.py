@@ -235,8 +235,8 @@ def test_wheel_without_extras_predicts_explains_and_serves(tmp_path: Path) -> No
             (src_copy / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, src_copy / rel)
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist)],
-         cwd=src_copy, env=_pip_env(), timeout=600)
+    _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "--no-index", "-w",
+          str(dist)], cwd=src_copy, env=_pip_env(), timeout=600)
     wheel = next(dist.glob("covidcxr-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
@@ -263,8 +263,9 @@ def test_wheel_without_extras_predicts_explains_and_serves(tmp_path: Path) -> No
     env.update(COVIDCXR_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     work = tmp_path / "work"
     work.mkdir()
-    probe = _run([str(py), "-c", "import importlib.util as u, covidcxr; print(covidcxr.__file__); "
-                  f"print([m for m in {_TORCH_STACK!r} if u.find_spec(m)])"], cwd=work, env=env, timeout=120)
+    code = (f"import importlib.util as u, covidcxr; print(covidcxr.__file__); "
+            f"print([m for m in {_TORCH_STACK!r} if u.find_spec(m)])")
+    probe = _run([str(py), "-c", code], cwd=work, env=env, timeout=120)
     file_line, torch_line = probe.stdout.splitlines()[-2:]
     assert Path(file_line).resolve().is_relative_to(site.resolve()) and torch_line == "[]", probe.stdout
     sample = site / "covidcxr" / "samples" / "hannover_c9280a30.png"

@@ -13,8 +13,8 @@ import torch
 
 from covidcxr.classification.artifact import load_artifact
 from covidcxr.classification.module import ClassifierModule, _warmup_cosine
-from covidcxr.cli import main
 from covidcxr.classification.train import TrainConfig, prepare_split, train_classifier
+from covidcxr.cli import main
 from covidcxr.errors import ConfigError
 from covidcxr.io.image import load_image
 from covidcxr.transforms.augment import AugmentConfig, build_eval_transform, build_train_transform

@@ -115,7 +115,8 @@ class OnnxNetwork:
         """The declared input shape (``['batch', 1, S, S]``)."""
         return list(self.session.get_inputs()[0].shape)
 
-    def run(self, x: np.ndarray, outputs: Sequence[str] | None = None, *, batch_size: int = 32) -> dict[str, np.ndarray]:
+    def run(self, x: np.ndarray, outputs: Sequence[str] | None = None, *,
+            batch_size: int = 32) -> dict[str, np.ndarray]:
         """Run a batch (in chunks of ``batch_size``) and return the outputs by name.
 
         Args:

@@ -1,4 +1,4 @@
-"""``covidcxr export``: write the ONNX networks that inference runs into existing artifacts (thin: parse, call, print)."""
+"""``covidcxr export``: write the ONNX networks inference runs into existing artifacts (thin: parse, call, print)."""
 
 from __future__ import annotations
 

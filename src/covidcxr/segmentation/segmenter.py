@@ -1,8 +1,8 @@
 """Lung segmentation inference: the shipped U-Net, post-processing, quality control and mask/crop preprocessing.
 
 :class:`LungSegmenter` runs the exported network ``lung_unet.onnx`` saved with the weights ``lung_unet.safetensors``
-and their config ``lung_unet.json`` (the shipped set lives in ``covidcxr/weights/``, no network needed; no torch) and predicts, per image, a binary mask of both
-lungs at the image's own size. The probability map is cleaned at model resolution (two largest components, holes
+and their config ``lung_unet.json`` (the shipped set lives in ``covidcxr/weights/``; no network access, no torch) and
+predicts, per image, a binary mask of both lungs at the image's own size. The probability map is cleaned at model resolution (two largest components, holes
 filled) and then upsampled, so post-processing costs the same for a 256 px PNG and a 3000 px DICOM.
 
 Every result carries QC flags (short strings, see :data:`QC_MESSAGES`) that downstream outputs keep, so an
