@@ -146,6 +146,22 @@ def test_inference_is_float32_only(tiny_weights: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- post-processing + QC
+@pytest.mark.parametrize("seed", range(5))
+def test_components_and_hole_filling_match_scipy(seed: int) -> None:
+    # Post-processing uses OpenCV (no SciPy import at start-up); it must label and fill exactly as SciPy did.
+    from scipy import ndimage as ndi
+
+    from covidcxr.segmentation.segmenter import _fill_holes, _label
+
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        mask = rng.random((33, 41)) > rng.uniform(0.3, 0.7)
+        labels, n = ndi.label(mask)
+        got, m = _label(mask)
+        assert m == n and np.array_equal(got, labels)
+        np.testing.assert_array_equal(_fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
 def test_postprocess_keeps_two_largest_and_fills_holes() -> None:
     prob = _lungs().astype(np.float32) * 0.9
     prob[30:33, 18:21] = 0.1  # a hole in the left lung
