@@ -180,6 +180,45 @@ print(json.dumps(out))
 """
 
 
+MASKS = r"""
+import json, sys
+import numpy as np, torch
+from covidcxr.classification.artifact import load_artifact, shipped_model_dir
+from covidcxr.device import available_cpus
+from covidcxr.io.image import load_image
+from covidcxr.segmentation.weights import load_unet
+from covidcxr.transforms.joint import prepare_batch
+torch.set_num_threads(available_cpus())
+paths = json.loads(open(sys.argv[1]).read())
+art = load_artifact(shipped_model_dir(), "cpu"); seg = art.segmenter
+unet, cfg, _ = load_unet(None)
+unet = unet.to(memory_format=torch.channels_last)  # as the torch path ran it
+rows = []
+for i in range(0, len(paths), 16):
+    ims = [load_image(p)[0] for p in paths[i:i + 16]]
+    p_onnx = seg.predict_proba(ims)
+    with torch.inference_mode():
+        x = prepare_batch(ims, cfg).contiguous(memory_format=torch.channels_last)
+        p_torch = torch.sigmoid(unet(x))[:, 0].numpy()
+    for im, po, pt, path in zip(ims, p_onnx, p_torch, paths[i:i + 16]):
+        mo, mt = seg._result(im, po).mask, seg._result(im, pt).mask
+        diff = int((mo != mt).sum())
+        dm = 0.0
+        if diff:
+            dm = float(art.forward_margins(art.preprocess_batch([im], [mo]))[0][0]
+                       - art.forward_margins(art.preprocess_batch([im], [mt]))[0][0])
+        rows.append({"image": path, "max_abs_dprob_256px": float(np.abs(po - pt).max()), "mask_pixels_differing": diff,
+                     "pixels": int(mo.size), "margin_change_from_mask": dm})
+worst = max(rows, key=lambda r: abs(r["margin_change_from_mask"]))
+print(json.dumps({"n": len(rows), "images_with_a_mask_difference": sum(r["mask_pixels_differing"] > 0 for r in rows),
+                  "mask_pixels_differing": sum(r["mask_pixels_differing"] for r in rows),
+                  "pixels": sum(r["pixels"] for r in rows),
+                  "max_abs_dprob_256px": max(r["max_abs_dprob_256px"] for r in rows),
+                  "max_abs_margin_change_from_one_mask": abs(worst["margin_change_from_mask"]),
+                  "worst_image": worst["image"].rsplit("/", 1)[-1]}))
+"""
+
+
 def python_json(code: str, args: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True,
                           check=False)
@@ -226,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", type=Path, default=None, help="measure this inference-only venv instead of building one")
     p.add_argument("--skip-venv", action="store_true")
     p.add_argument("--skip-serve", action="store_true")
+    p.add_argument("--serve-requests", type=int, default=200, help="measured uploads per server (default 200)")
     p.add_argument("--out", type=Path, default=RESULTS / "runtime.json")
     args = p.parse_args(argv)
 
@@ -295,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-c", PREDICT_ROWS, str(paths_file), str(same_cfg), str(out_csv)], env=env,
                        cwd=tmp, check=True, capture_output=True)
         tables[key] = pd.read_csv(out_csv)
+    # Where the two differ: the U-Net's probabilities agree to ~1e-4, but a pixel at the 0.5 threshold can flip,
+    # and in `mask` mode one lung pixel moves the dilated mask's edge, which the classifier sees.
+    result["mask_parity"] = python_json(MASKS, [str(paths_file)], new_env, tmp)
     result["parity"] = {"onnx_vs_torch_fp32": parity(tables["onnx"], tables["torch_fp32"]),
                         "onnx_vs_onnx_avx2_env": parity(tables["onnx"], tables["onnx_avx2"]),
                         "torch_fp32_vs_torch_fp32_avx2": parity(tables["torch_fp32"], tables["torch_fp32_avx2"])}
@@ -302,13 +345,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_venv:
         result["venv"] = venv_size(args, tmp)
     if not args.skip_serve:
-        serve_json = RESULTS / "runtime_serve.json"
-        subprocess.run([sys.executable, str(HERE / "serve_load.py"), "--shipped", "--index-manifest",
-                        str(args.manifest), "--cases", "300", "--requests", "200", "--concurrency", "8", "--out",
-                        str(serve_json)], env=new_env, cwd=ROOT, check=True, capture_output=True)
-        serve = json.loads(serve_json.read_text())
-        result["serve"] = {"file": "benchmarks/results/runtime_serve.md", "latency_ms": serve.get("latency_ms"),
-                           "errors": serve.get("errors")}
+        result["serve"] = {}
+        for key, env, name in (("onnx", new_env, "runtime_serve"), ("torch", base_env, "runtime_serve_torch")):
+            serve_json = RESULTS / f"{name}.json"
+            subprocess.run([sys.executable, str(HERE / "serve_load.py"), "--shipped", "--index-manifest",
+                            str(args.manifest), "--cases", "300", "--requests", str(args.serve_requests),
+                            "--concurrency", "8", "--out", str(serve_json)], env=env, cwd=ROOT, check=True,
+                           capture_output=True)
+            serve = json.loads(serve_json.read_text())
+            result["serve"][key] = {"file": f"benchmarks/results/{name}.md", "latency_ms": serve.get("latency_ms"),
+                                    "server_ms": serve.get("server_time_ms"), "errors": serve.get("errors")}
     result["machine"]["load_average_after"] = load_average()
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     result["targets"] = targets(result)
@@ -346,10 +392,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     if "venv" in r:
         rows.append(("inference-only venv (du)", f"{r['venv']['du_mb']} MB", "", "<= 1 GB (1024 MB)",
                      r["venv"]["du_mb"] <= 1024))
-    if "serve" in r and r["serve"].get("latency_ms"):
-        p95 = r["serve"]["latency_ms"]["p95"]
-        rows.append(("serve p95, concurrency 8, 300 cases", f"{p95 / 1000:.2f} s", "0.85 s (before)", "<= 0.85 s",
-                     p95 <= 850))
+    if "serve" in r and r["serve"].get("onnx", {}).get("latency_ms"):
+        p95 = r["serve"]["onnx"]["latency_ms"]["p95"]
+        base = r["serve"].get("torch", {}).get("latency_ms", {}).get("p95")
+        rows.append(("serve p95, concurrency 8, 300 cases", f"{p95 / 1000:.2f} s",
+                     f"{base / 1000:.2f} s" if base else "", "<= the torch path (0.85 s on the issue's machine)",
+                     base is not None and p95 <= base))
     return [{"what": w, "measured": m, "torch_path": b, "target": t, "holds": bool(h)} for w, m, b, t, h in rows]
 
 
@@ -388,6 +436,19 @@ def markdown(r: dict[str, Any]) -> str:
     for key, v in r["parity"].items():
         lines.append(f"- {key}: {v['n']}, {v['max_abs_dprob']:.2e}, {v['label_flips']}, {v['qc_flag_differences']}, "
                      f"{v['gate_status_differences']}")
+    for key, v in r.get("serve", {}).items():
+        if v.get("server_ms"):
+            lines += ["", (f"Serve, {key}: server-side time per request (decode to JSON) p50 {v['server_ms']['p50']:.0f} ms, "
+                           f"p95 {v['server_ms']['p95']:.0f} ms; client p95 {v['latency_ms']['p95']:.0f} ms "
+                           f"(`{v['file']}`).")]
+    mp = r.get("mask_parity")
+    if mp:
+        lines += ["", (f"Why ONNX and torch float32 can differ: the U-Net probabilities (256 px) agree within "
+                       f"{mp['max_abs_dprob_256px']:.1e}, but {mp['mask_pixels_differing']} of {mp['pixels']:,} "
+                       f"full-size mask pixels ({mp['images_with_a_mask_difference']} of {mp['n']} images) sit on the "
+                       "0.5 threshold and flip; in `mask` mode one lung pixel moves the dilated mask's edge, changing "
+                       f"the classifier's margin by up to {mp['max_abs_margin_change_from_one_mask']:.3f} "
+                       f"({mp['worst_image']}). With identical masks the networks agree to float rounding.")]
     if "venv" in r:
         lines += ["", (f"Inference-only venv: `{r['venv']['command']}` = {r['venv']['du_mb']} MB; training packages "
                        f"importable in it: {r['venv']['training_packages_present']}.")]

@@ -59,6 +59,18 @@ class Prediction:
     heatmaps: list[np.ndarray] | None = None
 
 
+def _map_threads(fn: Any, items: Sequence[Any]) -> list[Any]:
+    from covidcxr.device import available_cpus
+
+    workers = min(available_cpus(), len(items))
+    if workers <= 1:
+        return [fn(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero)."""
     norm = np.linalg.norm(x, axis=1, keepdims=True)
@@ -386,8 +398,12 @@ class ModelArtifact(BaseArtifact):
         if self.preprocess_cfg.needs_mask and masks is None:
             raise ConfigError(f"segmentation mode {self.seg_mode!r} needs lung masks")
         qc = qc if qc is not None else [[] for _ in images]
-        x = [preprocess(im, masks[i] if masks is not None else None, self.preprocess_cfg, flags=qc[i])
-             for i, im in enumerate(images)]
+
+        def one(i: int) -> np.ndarray:
+            return preprocess(images[i], masks[i] if masks is not None else None, self.preprocess_cfg, flags=qc[i])
+
+        # OpenCV and Pillow release the GIL: the images of a batch are prepared in parallel.
+        x = _map_threads(one, range(len(images)))
         size = self.preprocess_cfg.input_size
         return np.stack(x) if x else np.zeros((0, 1, size, size), np.float32)
 
