@@ -5,12 +5,13 @@ Every network that inference, serving, PACS and search run (the classifier, the 
 batch, return the outputs by name. Torch is not imported here or by anything that loads a model for inference;
 ``covidcxr export`` (and training) write the graphs.
 
-Why ONNX Runtime, not OpenVINO (``benchmarks/runtime.py`` measures both side by side): on the machines measured the
-two are within a few percent in float32; ONNX Runtime's CPU provider has one numeric path on every x86-64 CPU
-(float32 kernels only, no precision that switches with the hardware), whereas OpenVINO picks bf16 by itself on
-CPUs with native bf16 unless told otherwise; and ONNX Runtime is one ~17 MB wheel with numpy as its only heavy
-dependency. Reduced precision is therefore not offered: ``precision`` accepts ``fp32`` only and says why for
-anything else.
+Why ONNX Runtime, not OpenVINO (``benchmarks/runtime.py`` measures both side by side; ``results/runtime.md``): on
+the 2-core AVX2 machine measured, OpenVINO float32 was faster per network (classifier 67 vs 49 img/s, U-Net 39 vs
+32 img/s at batch 16), but ONNX Runtime's CPU provider has one numeric path on every x86-64 CPU (float32 kernels
+only), whereas OpenVINO switches to bf16 by itself on CPUs with native bf16 unless every load pins the precision,
+which is the CPU-dependent answer this runtime exists to remove; ONNX Runtime is a ~17 MB wheel (OpenVINO ~60 MB);
+and with it the targets of ``predict`` on many images were met (2.9x the torch path). Reduced precision is not
+offered: ``precision`` accepts ``fp32`` only and says why for anything else.
 """
 
 from __future__ import annotations
