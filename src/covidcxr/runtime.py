@@ -102,6 +102,9 @@ class OnnxNetwork:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's business
+        # No spin-waiting between calls: on a few shared cores the spinning workers starve decoding, post-processing
+        # and the web server's own threads.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors for a damaged graph
