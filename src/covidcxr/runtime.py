@@ -7,11 +7,11 @@ batch, return the outputs by name. Torch is not imported here or by anything tha
 
 Why ONNX Runtime, not OpenVINO (``benchmarks/runtime.py`` measures both side by side; ``results/runtime.md``): on
 the 2-core AVX2 machine measured, OpenVINO float32 was 20-37 % faster per network in two runs (last: classifier
-138 vs 112 img/s, U-Net 84 vs 67 img/s at batch 16), but ONNX Runtime's CPU provider has one numeric path on every x86-64 CPU (float32 kernels
-only), whereas OpenVINO switches to bf16 by itself on CPUs with native bf16 unless every load pins the precision,
-which is the CPU-dependent answer this runtime exists to remove; ONNX Runtime is a ~17 MB wheel (OpenVINO ~60 MB);
-and with it ``predict`` of 200 images ran 4.3x faster than the torch path and serving met its target. Reduced precision is not
-offered: ``precision`` accepts ``fp32`` only and says why for anything else.
+138 vs 112 img/s, U-Net 84 vs 67 img/s at batch 16), but ONNX Runtime's CPU provider has one numeric path on every
+x86-64 CPU (float32 kernels only), whereas OpenVINO switches to bf16 by itself on CPUs with native bf16 unless every
+load pins the precision, which is the CPU-dependent answer this runtime exists to remove; ONNX Runtime is a ~17 MB
+wheel (OpenVINO ~60 MB); and with it ``predict`` of 200 images ran 4.3x faster than the torch path and serving met
+its target. Reduced precision is not offered: ``precision`` accepts ``fp32`` only and says why for anything else.
 """
 
 from __future__ import annotations
