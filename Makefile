@@ -12,7 +12,7 @@ $(VENV)/bin/python:
 # Reinstall when the project metadata changes; the stamp keeps repeat runs fast.
 $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[train,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import gzip
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -91,15 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_input_type(args, argv)
     args.out = args.out or HERE / "results" / "input_gate_embedding.json"
 
-    import torch
-
     from covidcxr.classification.artifact import load_artifact, shipped_model_dir
     from covidcxr.classification.loop import predict_manifest
     from covidcxr.classification.ood import BLOCKING_QC_FLAGS, fit_reference, gate
     from covidcxr.data.manifest import read_manifest
+    from covidcxr.device import available_cpus
     from covidcxr.io.files import write_json
-
-    torch.set_num_threads(os.cpu_count() or 1)
+    from covidcxr.runtime import onnx_runtime_version
     t0 = time.perf_counter()
     art = load_artifact(shipped_model_dir(), "cpu")
     df = read_manifest(args.manifest)
@@ -144,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "input_gate",
         "command": "python benchmarks/input_gate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads()},
+        "machine": {"cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "threads": available_cpus(),
+                    "runtime": f"onnxruntime {onnx_runtime_version()} float32"},
         "model": art.weights_hash[:12],
         "reference": {"n_train": int(train.sum()), "quantile": args.quantile, "k": args.k,
                       "threshold": ref.threshold, "blocking_qc_flags": list(BLOCKING_QC_FLAGS)},

@@ -22,7 +22,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "covidcxr"
 
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "vocab": 0,
-    "device": 1, "io": 1,
+    "device": 1, "io": 1, "runtime": 1,
     "data": 2,
     "transforms": 3, "models": 3, "evaluation": 3, "training": 3,
     "segmentation": 4,
@@ -104,3 +104,83 @@ def test_front_ends_are_thin(pattern: str) -> None:
             for n, line in enumerate(path.read_text().splitlines(), 1)
             if any(b in line for b in banned) and not line.lstrip().startswith("#")]
     assert not hits, "front end doing the service's work:\n" + "\n".join(hits)
+
+
+# Training-only modules: the only ones that may import torch, Lightning, torchvision, MONAI, timm or pytorch-grad-cam.
+TRAINING_MODULES = {
+    "covidcxr.training", "covidcxr.demo", "covidcxr.web.toy", "covidcxr.retrieval.distributed",
+    "covidcxr.transforms.augment", "covidcxr.transforms.joint",
+    "covidcxr.models.classifier", "covidcxr.models.export", "covidcxr.models.pretrained", "covidcxr.models.registry",
+    "covidcxr.models.unet", "covidcxr.segmentation.data", "covidcxr.segmentation.train",
+    "covidcxr.classification.cache", "covidcxr.classification.export", "covidcxr.classification.module",
+    "covidcxr.classification.train", "covidcxr.device",
+}
+# Inference modules that also hold a training-side function (saving/exporting weights): torch only inside those.
+TRAINING_FUNCTIONS = {
+    "covidcxr.classification.artifact": {"save_artifact"},
+    "covidcxr.segmentation.weights": {"save_unet", "load_unet", "load_unet_state", "export_segmenter"},
+}
+TORCH_STACK = ("torch", "torchvision", "lightning", "pytorch_lightning", "monai", "timm", "pytorch_grad_cam")
+
+
+def _torch_imports(path: Path) -> list[tuple[int, str, str | None]]:
+    """``(line, module, enclosing top-level function)`` of every torch-stack import outside ``if TYPE_CHECKING``."""
+    tree = ast.parse(path.read_text())
+    found: list[tuple[int, str, str | None]] = []
+
+    def visit(node: ast.AST, func: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+                continue
+            names = []
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+                names = [child.module]
+            for name in names:
+                if name.split(".")[0] in TORCH_STACK or name.startswith("safetensors.torch"):
+                    found.append((child.lineno, name, func))
+            inner = child.name if func is None and isinstance(child, (ast.FunctionDef, ast.ClassDef)) else func
+            visit(child, inner)
+
+    visit(tree, None)
+    return found
+
+
+def test_no_inference_module_imports_torch() -> None:
+    # Inference, serving, PACS and search run exported networks (covidcxr.runtime): `pip install covidcxr` has no
+    # torch, so not even a lazy import of it may sit on those paths.
+    bad = []
+    for module, path in _modules():
+        if module in TRAINING_MODULES:
+            continue
+        allowed = TRAINING_FUNCTIONS.get(module, set())
+        bad += [f"{path.relative_to(PKG)}:{line}: {module} imports {name}" + (f" in {func}" if func else "")
+                for line, name, func in _torch_imports(path) if func not in allowed]
+    assert not bad, "torch-stack imports in inference modules:\n" + "\n".join(bad)
+
+
+def test_the_torch_rule_catches_a_lazy_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\n"
+                   "def f():\n    import torch.nn\n")
+    assert _torch_imports(bad) == [(5, "torch.nn", "f")]
+
+
+def test_inference_runs_with_the_torch_stack_blocked(tmp_path: Path) -> None:
+    # Predict and explain with the shipped model while any import of torch, Lightning, MONAI, timm, torchvision
+    # or pytorch-grad-cam fails: nothing on those paths needs them.
+    code = f"""
+import sys
+for name in {TORCH_STACK!r}:
+    sys.modules[name] = None
+from covidcxr.cli import main
+sample = sorted(__import__("covidcxr").__path__)[0] + "/samples/hannover_c9280a30.png"
+assert main(["predict", sample, "--out", {str(tmp_path / "p.csv")!r}]) == 0
+assert main(["explain", sample, "--out", {str(tmp_path / "x")!r}]) == 0
+assert main(["train", "--manifest", "m.csv", "--out", {str(tmp_path / "t")!r}]) == 2
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pip install 'covidcxr[train]'" in proc.stderr
+    assert (tmp_path / "p.csv").is_file() and any((tmp_path / "x").iterdir())

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from covidcxr.classification.artifact import load_artifact, save_artifact
+from covidcxr.classification.artifact import copy_artifact, load_artifact, save_artifact
 from covidcxr.classification.ensemble import build_ensemble
-from covidcxr.classification.inference import EnsembleArtifact, ModelArtifact
+from covidcxr.classification.inference import EnsembleArtifact
 from covidcxr.classification.loop import MaskCache
 from covidcxr.errors import ConfigError, ModelError
 from covidcxr.io.files import file_sha256
@@ -56,18 +56,42 @@ def art_dir(tmp_path_factory) -> Path:
     return _make(tmp_path_factory.mktemp("art") / "model", seed=0, val_auc=0.8)
 
 
-def test_round_trip_gives_identical_probabilities(art_dir: Path) -> None:
+def test_round_trip_matches_torch_float32(art_dir: Path) -> None:
+    # The loaded artifact runs the exported network (ONNX Runtime); the torch model it was saved from, fed the
+    # same preprocessed inputs in float32, gives the same probabilities.
     torch.manual_seed(0)
     model = create_classifier("resnet18").eval()  # same seed = the saved network
     images = _images(5)
-    in_memory = ModelArtifact(art_dir, _config(weights_sha256="x", cache_size=cache_size_for(SIZE)), model,
-                              torch.device("cpu"))
     loaded = load_artifact(art_dir, "cpu")
-    expected = in_memory.predict_proba(images)
+    x = torch.from_numpy(loaded.preprocess_batch(images, None))
+    with torch.no_grad():
+        logits = model(x).double().numpy()
+    expected = 1.0 / (1.0 + np.exp(-(logits[:, 1] - logits[:, 0]) / loaded.temperature))
     got = loaded.predict_proba(images)
     assert got.shape == (5,)
-    np.testing.assert_array_equal(got, expected)
-    np.testing.assert_array_equal(load_artifact(art_dir, "cpu").predict_proba(images), got)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_array_equal(load_artifact(art_dir, "cpu").predict_proba(images), got)  # deterministic
+
+
+def test_artifact_without_onnx_names_the_export_command(tmp_path: Path, art_dir: Path) -> None:
+    d = copy_artifact(art_dir, tmp_path / "old")
+    (d / "model.onnx").unlink()
+    with pytest.raises(ModelError, match=r"covidcxr export --model"):
+        load_artifact(d, "cpu")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["onnx"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=r"no exported network \(ONNX\).*covidcxr export --model"):
+        load_artifact(d, "cpu")
+
+
+def test_replaced_onnx_is_refused(tmp_path: Path, art_dir: Path) -> None:
+    d = copy_artifact(art_dir, tmp_path / "bad")
+    data = bytearray((d / "model.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (d / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_artifact(d, "cpu")
 
 
 def test_config_records_provenance(art_dir: Path) -> None:
@@ -83,9 +107,9 @@ def test_preprocess_is_the_one_function_of_the_stored_config(art_dir: Path) -> N
     art = load_artifact(art_dir, "cpu")
     image = _images(1)[0]
     x = art.preprocess(image)
-    assert x.shape == (1, SIZE, SIZE) and x.dtype == torch.float32
+    assert x.shape == (1, SIZE, SIZE) and x.dtype == np.float32
     expected = preprocess(image, None, PreprocessCfg.from_config(art.config))
-    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    np.testing.assert_array_equal(x, expected)
     assert art.preprocess_cfg == PreprocessCfg(SIZE, "none", "none")
 
 
@@ -106,13 +130,12 @@ def test_predict_labels_use_stored_threshold(tmp_path: Path) -> None:
     assert pred.qc_flags == [[], [], [], []]
 
 
-def test_bf16_inference_close_to_fp32(art_dir: Path) -> None:
+def test_inference_is_float32_and_refuses_bf16(art_dir: Path) -> None:
     art = load_artifact(art_dir, "cpu")
     images = _images(4)
-    fp32 = art.predict_proba(images, bf16=False)
-    bf16 = art.predict_proba(images, bf16=True)
-    assert np.abs(fp32 - bf16).max() < 0.05
-    assert not np.array_equal(fp32, bf16)  # bf16 really ran
+    np.testing.assert_array_equal(art.predict_proba(images, bf16=False), art.predict_proba(images))
+    with pytest.raises(ConfigError, match="float32 on ONNX Runtime"):
+        art.predict_proba(images, bf16=True)
 
 
 def test_bad_image_shape_raises(art_dir: Path) -> None:
@@ -135,8 +158,8 @@ def _copy(src: Path, dst: Path) -> Path:
     [
         (lambda d: (d / "config.json").unlink(), r"config\.json: config file missing"),
         (lambda d: (d / "config.json").write_text("{not json"), r"config\.json: corrupt config"),
-        (lambda d: (d / "model.safetensors").unlink(), r"model\.safetensors: weights file missing"),
-        (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), r"model\.safetensors: weights file is corrupt"),
+        (lambda d: (d / "model.onnx").unlink(), r"model\.onnx: the model has no exported network"),
+        (lambda d: (d / "model.onnx").write_bytes(b"garbage"), r"model\.onnx: exported network is corrupt"),
     ],
 )
 def test_missing_or_corrupt_files_name_the_file(art_dir: Path, tmp_path: Path, damage, pattern: str) -> None:
@@ -146,11 +169,28 @@ def test_missing_or_corrupt_files_name_the_file(art_dir: Path, tmp_path: Path, d
         load_artifact(d, "cpu")
 
 
-def test_corrupt_weights_without_hash_check(art_dir: Path, tmp_path: Path) -> None:
+def test_corrupt_onnx_without_hash_check(art_dir: Path, tmp_path: Path) -> None:
     d = _copy(art_dir, tmp_path / "copy")
-    (d / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ModelError, match=r"model\.safetensors: corrupt weights"):
+    (d / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match=r"model\.onnx: ONNX Runtime cannot load the network"):
         load_artifact(d, "cpu", verify=False)
+
+
+@pytest.mark.parametrize(
+    ("damage", "pattern"),
+    [
+        (lambda d: (d / "model.safetensors").unlink(), r"model\.safetensors: weights file missing"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"garbage"), r"model\.safetensors: weights file is corrupt"),
+    ],
+)
+def test_export_names_missing_or_corrupt_weights(art_dir: Path, tmp_path: Path, damage, pattern: str) -> None:
+    from covidcxr.classification.export import export_model
+
+    d = _copy(art_dir, tmp_path / "copy")
+    damage(d)
+    load_artifact(d, "cpu")  # inference needs only the exported network
+    with pytest.raises(ModelError, match=pattern):
+        export_model(d)
 
 
 def test_missing_directory_raises(tmp_path: Path) -> None:
@@ -286,7 +326,7 @@ def test_seg_mode_changes_input(tmp_path: Path) -> None:
     masked = preprocess(image, mask, PreprocessCfg(40, "mask"))
     crop = preprocess(image, mask, PreprocessCfg(40, "crop"))
     assert none.shape == masked.shape == crop.shape == (1, 40, 40)
-    assert not torch.equal(none, masked) and not torch.equal(none, crop)
+    assert not np.array_equal(none, masked) and not np.array_equal(none, crop)
     with pytest.raises(ConfigError, match="needs a lung mask"):
         preprocess(image, None, PreprocessCfg(40, "crop"))
     with pytest.raises(ConfigError, match="unknown segmentation mode 'lungs'"):

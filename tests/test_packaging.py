@@ -180,3 +180,137 @@ def test_wheel_ships_all_files_and_installed_cli_predicts(tmp_path: Path) -> Non
     assert 0.0 <= float(rows[0]["prob_covid"]) <= 1.0
     assert rows[0]["label"] in ("covid", "non_covid")
     assert f"{float(rows[0]['prob_covid']):.4f}" in proc.stdout
+
+
+# --------------------------------------------------------------------------------- install without the [train] extra
+_TORCH_STACK = ("torch", "torchvision", "lightning", "pytorch_lightning", "monai", "timm", "pytorch_grad_cam",
+                "triton", "nvidia")
+
+
+def _dependency_closure(requirements: list[str]) -> dict[str, importlib.metadata.Distribution]:
+    """The installed distributions a requirement list needs (markers evaluated, extras not taken)."""
+    from packaging.requirements import Requirement
+
+    todo, found = list(requirements), {}
+    while todo:
+        req = Requirement(todo.pop())
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        key = req.name.lower().replace("_", "-")
+        if key in found:
+            continue
+        try:
+            dist = importlib.metadata.distribution(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip(f"{req.name} is not installed here; the closure cannot be assembled offline")
+        found[key] = dist
+        todo += dist.requires or []
+    return found
+
+
+def _link_distributions(dists: dict[str, importlib.metadata.Distribution], dest: Path) -> None:
+    """Symlink each distribution's top-level entries (packages, modules, .libs, .dist-info) into ``dest``."""
+    dest.mkdir(parents=True)
+    for dist in dists.values():
+        root = Path(dist.locate_file(""))
+        tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in sorted(tops):
+            src = root / top
+            if src.exists() and not (dest / top).exists() and top not in ("bin", "__pycache__"):
+                (dest / top).symlink_to(src)
+
+
+@pytest.mark.slow
+def test_wheel_without_extras_predicts_explains_and_serves(tmp_path: Path) -> None:
+    """A fresh venv holding the wheel and only its declared (non-extra) dependencies: no torch, Lightning, MONAI,
+    timm or torchvision. ``predict``, ``explain`` and ``serve`` run there on a shipped sample with the shipped model.
+
+    Offline by construction: the dependencies are the distributions already installed for this interpreter, linked
+    into the venv by the wheel's own ``Requires-Dist`` closure (a registry install needs the network).
+    """
+    _require_build_tools()
+    tracked = _source_files()
+    src_copy = tmp_path / "checkout"
+    for rel in tracked:
+        if rel.startswith("src/") or rel in BUILD_INPUTS:
+            (src_copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src_copy / rel)
+    dist = tmp_path / "dist"
+    _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "--no-index", "-w",
+          str(dist)], cwd=src_copy, env=_pip_env(), timeout=600)
+    wheel = next(dist.glob("covidcxr-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    core = [r for r in requires if "extra ==" not in r]
+    assert "onnxruntime" in " ".join(core)
+    names = {r.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for r in core}
+    assert not names & {"torch", "torchvision", "lightning", "monai", "timm", "grad-cam"}, names
+    closure = _dependency_closure(core)
+    assert not set(closure) & {"torch", "torchvision", "lightning", "monai", "timm"}, sorted(closure)
+
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path, env=_pip_env(), timeout=120)
+    py = venv / "bin" / "python"
+    site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path,
+                     env=_pip_env(), timeout=60).stdout.strip())
+    deps = tmp_path / "deps"
+    _link_distributions(closure, deps)
+    (site / "covidcxr_deps.pth").write_text(f"{deps}\n")
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", "--target", str(site),
+          str(wheel)], cwd=tmp_path, env=_pip_env(), timeout=300)
+
+    env = _pip_env()
+    env.update(COVIDCXR_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    work = tmp_path / "work"
+    work.mkdir()
+    code = (f"import importlib.util as u, covidcxr; print(covidcxr.__file__); "
+            f"print([m for m in {_TORCH_STACK!r} if u.find_spec(m)])")
+    probe = _run([str(py), "-c", code], cwd=work, env=env, timeout=120)
+    file_line, torch_line = probe.stdout.splitlines()[-2:]
+    assert Path(file_line).resolve().is_relative_to(site.resolve()) and torch_line == "[]", probe.stdout
+    sample = site / "covidcxr" / "samples" / "hannover_c9280a30.png"
+    cli = [str(py), "-m", "covidcxr"]
+    proc = _run([*cli, "predict", str(sample), "--out", str(work / "p.csv")], cwd=work, env=env, timeout=300)
+    assert "P(covid)" in proc.stdout and str(site / "covidcxr" / "weights" / "covid_classifier") in proc.stderr
+    with (work / "p.csv").open(newline="") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["label"] in ("covid", "non_covid") and 0.0 <= float(row["prob_covid"]) <= 1.0
+    _run([*cli, "explain", str(sample), "--out", str(work / "explain")], cwd=work, env=env, timeout=300)
+    assert any(p.name.endswith("_gradcam_overlay.png") for p in (work / "explain").iterdir())
+    # serve: an index of the shipped samples, then one upload analysed over HTTP on the loopback interface.
+    samples = sorted((site / "covidcxr" / "samples").glob("*.png"))
+    rows = ["image,patient_id,label"] + [f"{p},{p.stem},{('covid', 'non_covid')[i % 2]}" for i, p in enumerate(samples)]
+    (work / "m.csv").write_text("\n".join(rows) + "\n")
+    _run([*cli, "index", "build", "--manifest", str(work / "m.csv"), "--split", "all", "--out", str(work / "idx")],
+         cwd=work, env=env, timeout=300)
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([*cli, "serve", "--index", str(work / "idx"), "--port", str(port), "-k", "2"], cwd=work,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        import httpx
+
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.5)
+        r = httpx.post(url + "/api/v1/analyze", files={"file": (sample.name, sample.read_bytes(), "image/png")},
+                       timeout=120)
+        assert r.status_code == 200, r.text[:2000]
+        body = r.json()
+        assert body["status"] == "ok" and 0.0 <= body["probability"] <= 1.0, body
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

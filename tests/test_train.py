@@ -14,6 +14,7 @@ import torch
 from covidcxr.classification.artifact import load_artifact
 from covidcxr.classification.module import ClassifierModule, _warmup_cosine
 from covidcxr.classification.train import TrainConfig, prepare_split, train_classifier
+from covidcxr.cli import main
 from covidcxr.errors import ConfigError
 from covidcxr.io.image import load_image
 from covidcxr.transforms.augment import AugmentConfig, build_eval_transform, build_train_transform
@@ -34,7 +35,8 @@ def cohort(synth_cohort: Path) -> Path:
 
 
 def _cached(seed: int = 0, size: int = 40) -> torch.Tensor:
-    return to_uint8(preprocess(np.random.default_rng(seed).random((60, 50), dtype=np.float32), None, PreprocessCfg(size)))
+    image = np.random.default_rng(seed).random((60, 50), dtype=np.float32)
+    return torch.from_numpy(to_uint8(preprocess(image, None, PreprocessCfg(size))))
 
 
 def test_train_transform_is_random_and_shaped() -> None:
@@ -92,7 +94,7 @@ def test_train_config_validates() -> None:
 def test_tiny_model_loss_falls(cohort: Path) -> None:
     df = pd.read_csv(cohort).head(8)
     images = [load_image(cohort.parent / p)[0] for p in df["image"]]
-    x = torch.stack([preprocess(im, None, PreprocessCfg(32)) for im in images])
+    x = torch.from_numpy(np.stack([preprocess(im, None, PreprocessCfg(32)) for im in images]))
     y = torch.as_tensor((df["label"] == "covid").to_numpy().astype(np.int64))
     torch.manual_seed(0)
     module = ClassifierModule("resnet18", "none", lr=1e-3)
@@ -234,6 +236,32 @@ def test_trained_artifact_reproduces_validation_predictions(trained: tuple[Path,
     art = load_artifact(out, "cpu")
     probs = art.predict_proba([load_image(p)[0] for p in val["image"]])
     np.testing.assert_allclose(probs, val["prob"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_trained_model_exports_round_trip(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    # Training wrote model.onnx (validation was predicted through it); `covidcxr export --model` of the same
+    # artifact writes the same network again, and both agree with the torch model in float32.
+    import shutil
+
+    from covidcxr.classification.export import load_torch_classifier
+
+    out, _ = trained
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["onnx"]["file"] == "model.onnx" and cfg["onnx"]["cam_exact"] is True
+    assert cfg["onnx"]["weights_sha256"] == cfg["weights_sha256"]
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints", "logs", "masks"))
+    (copy / "model.onnx").unlink()
+    assert main(["export", "--model", str(copy)]) == 0
+    val = pd.read_csv(out / "val_predictions.csv")
+    images = [load_image(p)[0] for p in val["image"]]
+    before, after = load_artifact(out, "cpu"), load_artifact(copy, "cpu")
+    np.testing.assert_allclose(after.predict_proba(images), before.predict_proba(images), rtol=0, atol=1e-6)
+    x = torch.from_numpy(after.preprocess_batch(images, None))
+    with torch.no_grad():
+        logits = load_torch_classifier(copy)(x).double().numpy()
+    margin, _ = after.forward_margins(x.numpy())
+    np.testing.assert_allclose(margin, logits[:, 1] - logits[:, 0], atol=1e-4)
 
 
 def test_refuses_non_empty_out(trained: tuple[Path, dict], cohort: Path) -> None:

@@ -43,7 +43,7 @@ def test_joint_augmentation_keeps_image_and_mask_aligned() -> None:
         assert set(out_mask.unique().tolist()) <= {0, 1}  # nearest interpolation keeps the mask binary
         bright = out_image > 0.5 * out_image.max()
         assert _iou(bright, out_mask) > 0.75
-        reference = resize_mask(mask[0], 48)
+        reference = torch.from_numpy(resize_mask(mask[0].numpy(), 48))
         moved += _iou(out_mask[0], reference) < 0.95
     assert moved >= 10  # the geometry really changed, so alignment was tested under motion
 
@@ -106,8 +106,8 @@ def test_resize_mask_is_binary_and_area_preserving() -> None:
     mask = np.zeros((100, 80), np.uint8)
     mask[10:70, 20:60] = 1
     small = resize_mask(mask, (50, 40))
-    assert small.dtype == torch.uint8 and set(small.unique().tolist()) <= {0, 1}
-    assert float(small.float().mean()) == pytest.approx(mask.mean(), abs=0.01)
+    assert isinstance(small, np.ndarray) and small.dtype == np.uint8 and set(np.unique(small).tolist()) <= {0, 1}
+    assert float(small.mean()) == pytest.approx(mask.mean(), abs=0.01)
 
 
 def test_resize_image_rejects_non_2d() -> None:
@@ -132,3 +132,16 @@ def test_prepare_batch_follows_config() -> None:
     assert batch.shape == (2, 1, 32, 32) and batch.dtype == torch.float32
     assert abs(float(batch[0].mean())) < 1e-4
     assert prepare_batch([], {"input_size": 32, "normalisation": "unit"}).shape == (0, 1, 32, 32)
+
+
+def test_segmenter_input_is_numpy_and_what_training_normalises() -> None:
+    # Inference feeds segmenter_input (numpy, no torch) to the exported U-Net, whose graph normalises; training
+    # normalises prepare_batch's tensor with the same torch code: the two inputs are the same array.
+    from covidcxr.transforms.preprocess import segmenter_input
+
+    rng = np.random.default_rng(1)
+    images = [rng.random((40, 60), dtype=np.float32), rng.random((70, 50), dtype=np.float32)]
+    x = segmenter_input(images, {"input_size": 32})
+    assert isinstance(x, np.ndarray) and x.shape == (2, 1, 32, 32) and x.dtype == np.float32
+    batch = prepare_batch(images, {"input_size": 32, "normalisation": "unit"})
+    np.testing.assert_array_equal(batch.numpy(), x)

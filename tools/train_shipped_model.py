@@ -63,6 +63,7 @@ def export(run: Path, dest: Path, df: pd.DataFrame, variant: str, transfer: dict
     shutil.copyfile(run / "model.safetensors", tmp / "model.safetensors")
     if file_sha256(tmp / "model.safetensors") != config["weights_sha256"]:
         raise SystemExit("weights changed while copying")
+    shutil.copyfile(run / config["onnx"]["file"], tmp / config["onnx"]["file"])  # the network inference runs
     val = pd.read_csv(run / "val_predictions.csv")
     val["image"] = val["image"].map(lambda p: Path(str(p)).name)
     val.to_csv(tmp / "val_predictions.csv", index=False)
@@ -209,12 +210,19 @@ def model_card(config: dict[str, Any], df: pd.DataFrame, val: pd.DataFrame, vari
     return "\n".join(lines) + "\n"
 
 
-def recalibrate(run: Path, mask_dir: Path) -> None:
+def recalibrate(run: Path, mask_dir: Path | None, images: dict[str, str] | None = None,
+                reason: str = "validation predicted again with the current preprocessing; same weights") -> None:
     """Refit the temperature and the threshold of a finished run on validation predictions made by this package.
 
-    The weights stay; the validation rows are predicted again through the package's one preprocessing path (so a
-    change of preprocessing never leaves a stale operating point behind), then calibrated and thresholded exactly
-    as training does (:func:`covidcxr.classification.operating_point.fit_operating_point`).
+    The weights stay; the validation rows are predicted again through the package's one preprocessing path and the
+    exported network that serves the model (ONNX Runtime, float32), then calibrated and thresholded exactly as
+    training does (:func:`covidcxr.classification.operating_point.fit_operating_point`).
+
+    Args:
+        run: A run folder or the installed model (whose ``val_predictions.csv`` holds file names only).
+        mask_dir: Lung-mask cache.
+        images: File name -> path, for an installed model's validation rows.
+        reason: Recorded in ``config["recalibrated"]``.
     """
     from types import SimpleNamespace
 
@@ -225,7 +233,9 @@ def recalibrate(run: Path, mask_dir: Path) -> None:
     art = load_artifact(run, "cpu")
     config = json.loads((run / "config.json").read_text())
     val = pd.read_csv(run / "val_predictions.csv")
-    out, _ = art.predict_manifest(val[["image"]], mask_dir=mask_dir, num_workers=2)
+    rows = val[["image"]] if images is None else pd.DataFrame({"image": [images[Path(str(n)).name]
+                                                                          for n in val["image"]]})
+    out, _ = art.predict_manifest(rows, mask_dir=mask_dir, num_workers=2)
     raw = out["prob_uncalibrated"] if "prob_uncalibrated" in out else out["prob"]
     raw = np.clip(raw.to_numpy(dtype=np.float64), 1e-12, 1 - 1e-12)
     val["margin"] = np.log(raw / (1 - raw))
@@ -238,8 +248,7 @@ def recalibrate(run: Path, mask_dir: Path) -> None:
                   val_auc=point.val_auc, val_auc_both=point.val_auc_both)
     config["training"].update(val_auc=point.val_auc, val_auc_both=point.val_auc_both,
                               threshold_rows=point.threshold_rows, calibration=point.calibration)
-    config["recalibrated"] = {"reason": "validation predicted again with the current preprocessing; same weights",
-                              "before": before, "date": time.strftime("%Y-%m-%d")}
+    config["recalibrated"] = {"reason": reason, "before": before, "date": time.strftime("%Y-%m-%d")}
     val.to_csv(run / "val_predictions.csv", index=False)
     write_json(run / "config.json", config)
     log.info("recalibrated %s: T %.3f -> %.3f, threshold %.4f -> %.4f", run, before["temperature"], point.temperature,
@@ -258,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="export an existing run in --out-dir without training")
     p.add_argument("--recalibrate", action="store_true",
                    help="with --reuse: predict validation again, refit temperature and threshold (same weights)")
+    p.add_argument("--recalibrate-installed", action="store_true",
+                   help="refit temperature and threshold of the installed model on its validation rows, predicted "
+                        "through its exported network (ONNX Runtime, float32), and rewrite its model card")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -268,6 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     df = read_manifest(args.manifest)
     df = patient_split(df.drop(columns=["split"], errors="ignore"), 0.15, 0.0, group_col="split_group",
                        seed=args.seed).reset_index(drop=True)
+    if args.recalibrate_installed:
+        lookup = {Path(str(p)).name: str(p) for p in df["image"]}
+        recalibrate(INSTALL_DIR, args.out_dir / "masks", lookup,
+                    reason="validation predicted again through the exported network (ONNX Runtime, float32), the "
+                           "path that serves the model; same weights")
+        config = json.loads((INSTALL_DIR / "config.json").read_text())
+        val = pd.read_csv(INSTALL_DIR / "val_predictions.csv")
+        card = INSTALL_DIR / "MODEL_CARD.md"
+        gate_section = card.read_text().partition("\n## Input gate")[2]
+        transfer = json.loads(args.transfer_results.read_text()) if args.transfer_results.is_file() else None
+        text = model_card(config, df, val, config["shipped"]["variant"], transfer)
+        card.write_text(text.rstrip() + ("\n\n## Input gate" + gate_section if gate_section else "\n"))
+        print(f"recalibrated {INSTALL_DIR}; now refit its input gate: python benchmarks/input_gate.py --install")
+        return 0
     run = args.out_dir / args.variant
     if not (args.reuse and (run / "config.json").is_file()):
         train_classifier(df, run, force=True, seed=args.seed, epochs=args.epochs, patience=0, eval_test=False,

@@ -1,4 +1,7 @@
-"""Hardware choices made once: device, numeric precision and DataLoader workers.
+"""Hardware choices made once: device, numeric precision and DataLoader workers (training; torch imported lazily).
+
+Inference does not come here for precision: it runs in float32 on ONNX Runtime (:mod:`covidcxr.runtime`), so the
+answer does not depend on the CPU. What follows is about training.
 
 bf16 is used only where the hardware computes it natively: CUDA devices with bf16 support, and CPUs on which
 oneDNN reports native bf16 (AVX512-BF16 or AMX). Elsewhere, for example on AVX2-only CPUs, bf16 autocast is
@@ -9,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from covidcxr.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     Raises:
         ConfigError: An unknown device string.
     """
+    import torch
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -36,6 +43,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 def cpu_capability() -> str:
     """The SIMD level PyTorch dispatches to on this CPU (``AVX2``, ``AVX512``, ...), or ``unknown``."""
+    import torch
+
     try:
         return str(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):  # older builds lack the probe; the answer is informational only
@@ -44,6 +53,8 @@ def cpu_capability() -> str:
 
 def cpu_native_bf16() -> bool:
     """Whether oneDNN computes bf16 natively on this CPU (AVX512-BF16 / AMX); False when it cannot tell."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a private probe, missing on some builds: then no bf16
@@ -59,6 +70,8 @@ def native_bf16(device: str | torch.device) -> bool:
     Returns:
         True for CUDA devices with bf16 support and CPUs with native oneDNN bf16.
     """
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -69,6 +82,8 @@ def native_bf16(device: str | torch.device) -> bool:
 
 def uses_cuda(accelerator: str) -> bool:
     """Whether a Lightning ``accelerator`` setting ends up on a CUDA GPU on this machine."""
+    import torch
+
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
@@ -85,6 +100,8 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     Raises:
         ConfigError: Unknown precision.
     """
+    import torch
+
     if precision not in LIGHTNING_PRECISIONS:
         raise ConfigError(f"precision={precision!r}: expected one of {', '.join(LIGHTNING_PRECISIONS)}")
     if precision != "auto":
@@ -124,6 +141,8 @@ def prefer_channels_last(device: str | torch.device) -> bool:
     inference on an AVX-512 CPU and on the same CPU restricted to AVX2, in float32 and bf16; cuDNN prefers it
     under mixed precision. Kept as a function so a device where it does not pay can say so in one place.
     """
+    import torch
+
     return torch.device(device).type in ("cpu", "cuda")
 
 

@@ -1,6 +1,8 @@
 """One directory per model: weights, config and decision threshold, loadable for prediction and embedding.
 
-A classifier artifact holds ``model.safetensors`` and ``config.json`` (architecture, input size, normalisation,
+A classifier artifact holds ``model.onnx`` (the exported network inference runs, with its SHA-256 in the config's
+``"onnx"`` entry; written by training and by ``covidcxr export --model DIR``), ``model.safetensors`` (the weights,
+for training and export) and ``config.json`` (architecture, input size, normalisation,
 segmentation mode, threshold chosen on validation, class names, training-data summary, package version and the
 weights' SHA-256), ``val_predictions.csv`` (so ensembles can re-choose a threshold) and, when the segmentation
 mode is not ``none``, ``segmenter/`` with the lung-segmenter weights used in training (self-contained).
@@ -17,30 +19,31 @@ import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from covidcxr import __version__
 from covidcxr.classification.inference import Artifact, EnsembleArtifact, ModelArtifact
-from covidcxr.device import resolve_device
 from covidcxr.errors import ConfigError, ModelError
 from covidcxr.io.files import file_sha256, write_json
-from covidcxr.models.classifier import CxrClassifier, create_classifier
 from covidcxr.vocab import LABELS
+
+if TYPE_CHECKING:
+    from covidcxr.models.classifier import CxrClassifier
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
 SEGMENTER_DIR = "segmenter"
 MEMBERS_DIR = "members"
 # Files that make up a classifier artifact (a training run directory holds more: checkpoints, logs, masks).
-ARTIFACT_ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, VAL_PREDICTIONS_FILE, SEGMENTER_DIR)
+ARTIFACT_ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, VAL_PREDICTIONS_FILE, SEGMENTER_DIR, "ood_reference.npz")
 _REQUIRED_KEYS = ("arch", "input_size", "normalization", "seg_mode", "threshold", "weights_sha256")
 
 
@@ -73,7 +76,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def segmenter_files(weights: str | Path | None) -> list[Path]:
-    """The files that make up a lung segmenter: its weights and the JSON config next to them.
+    """The files that make up a lung segmenter: its weights, the JSON config and (when exported) the ONNX next to them.
 
     Args:
         weights: Weights file (or folder) as given to ``LungSegmenter.load``; None = the shipped weights.
@@ -95,7 +98,8 @@ def segmenter_files(weights: str | Path | None) -> list[Path]:
     config = path.with_suffix(".json")
     if not config.is_file():
         raise ModelError(f"{config}: segmenter config missing next to {path.name}")
-    return [path, config]
+    onnx = path.with_suffix(".onnx")
+    return [path, config, onnx] if onnx.is_file() else [path, config]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,7 +135,11 @@ def save_artifact(
     Raises:
         ConfigError: Missing required settings.
     """
+    import copy
+
     from safetensors.torch import save_file
+
+    from covidcxr.models.export import export_classifier
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -146,6 +154,10 @@ def save_artifact(
              for k, v in model.state_dict().items()}
     weights = directory / WEIGHTS_FILE
     save_file(state, str(weights), metadata={"arch": model.arch, "format": "covidcxr-classifier"})
+    # The network inference runs, exported from the weights as stored (float16 storage: the values it rounds to).
+    stored = copy.deepcopy(model).float().cpu().eval()
+    stored.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    onnx_entry = export_classifier(stored, directory / ONNX_FILE, int(cfg["input_size"]))
     cfg.update(
         format_version=FORMAT_VERSION,
         kind="classifier",
@@ -157,6 +169,8 @@ def save_artifact(
         weights_sha256=file_sha256(weights),
         package_version=__version__,
     )
+    onnx_entry["weights_sha256"] = cfg["weights_sha256"]
+    cfg["onnx"] = onnx_entry
     seg_dir = directory / SEGMENTER_DIR
     if cfg["seg_mode"] != "none":
         files = segmenter_files(segmenter_weights)
@@ -165,6 +179,10 @@ def save_artifact(
         seg_dir.mkdir()
         for f in files:
             shutil.copy2(f, seg_dir / f.name)
+        if len(files) < 3:  # a segmenter saved before ONNX export existed: export the copy
+            from covidcxr.segmentation.weights import export_segmenter
+
+            files.append(export_segmenter(seg_dir / files[0].name))
         cfg["segmenter"] = {
             "weights": f"{SEGMENTER_DIR}/{files[0].name}",
             "files": [f"{SEGMENTER_DIR}/{f.name}" for f in files],
@@ -181,36 +199,24 @@ def save_artifact(
 
 
 
-def _load_classifier(directory: Path, config: dict[str, Any], device: torch.device, verify: bool) -> ModelArtifact:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _load_classifier(directory: Path, config: dict[str, Any], verify: bool) -> ModelArtifact:
+    from covidcxr.runtime import EXPORT_HINT, OnnxNetwork
 
     missing = [k for k in _REQUIRED_KEYS if k not in config]
     if missing:
         raise ModelError(f"{directory / CONFIG_FILE}: config lacks {missing}")
-    weights = directory / config.get("weights_file", WEIGHTS_FILE)
-    if not weights.is_file():
-        raise ModelError(f"{weights}: weights file missing")
-    if verify and file_sha256(weights) != config["weights_sha256"]:
-        raise ModelError(f"{weights}: weights file is corrupt or was replaced (SHA-256 differs from config.json)")
-    try:
-        # Shipped weights are stored in float16 to halve the file; compute stays in float32 (bf16 by autocast).
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{weights}: corrupt weights ({exc})") from exc
-    norm = config["normalization"]
-    try:
-        model = create_classifier(
-            config["arch"], "none", num_classes=int(config.get("num_classes", 2)), mean=norm["mean"], std=norm["std"],
-            init=False,
-        )
-        model.load_state_dict(state, strict=True, assign=True)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise ModelError(f"{weights}: weights do not fit {config['arch']!r} ({exc})") from exc
-    except ConfigError as exc:
-        raise ModelError(f"{directory / CONFIG_FILE}: {exc}") from exc
-    model.to(device).eval()
-    return ModelArtifact(directory, config, model, device)
+    entry = config.get("onnx")
+    onnx = directory / (entry.get("file", ONNX_FILE) if isinstance(entry, dict) else ONNX_FILE)
+    if not isinstance(entry, dict) or not onnx.is_file():
+        raise ModelError(f"{onnx}: the model has no exported network (ONNX) for inference; run `covidcxr export "
+                         f"--model {directory}` (needs `pip install 'covidcxr[train]'`) to write it")
+    if entry.get("weights_sha256") not in (None, config["weights_sha256"]):
+        raise ModelError(f"{onnx}: exported from other weights than {config.get('weights_file', WEIGHTS_FILE)} "
+                         f"(SHA-256 differs); {EXPORT_HINT} again")
+    if "num_features" not in config:
+        raise ModelError(f"{directory / CONFIG_FILE}: config lacks 'num_features'")
+    network = OnnxNetwork(onnx, sha256=entry.get("sha256") if verify else None)
+    return ModelArtifact(directory, config, network)
 
 
 def model_hash(directory: str | Path) -> str:
@@ -253,13 +259,13 @@ def resolve_model_dir(model: str | Path | None) -> tuple[Path, bool]:
     return folder, True
 
 
-def load_artifact(directory: str | Path, device: str | torch.device | None = "auto", *, verify: bool = True) -> Artifact:
+def load_artifact(directory: str | Path, device: Any = "auto", *, verify: bool = True) -> Artifact:
     """Load a classifier or ensemble artifact.
 
     Args:
         directory: The artifact folder (a training ``--out`` folder is one).
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ...
-        verify: Check the weights' SHA-256 against the config.
+        device: Accepted for compatibility; the exported networks run on the CPU (ONNX Runtime, float32).
+        verify: Check the exported network's SHA-256 against the config.
 
     Returns:
         A :class:`ModelArtifact` or :class:`EnsembleArtifact`.
@@ -269,7 +275,8 @@ def load_artifact(directory: str | Path, device: str | torch.device | None = "au
     """
     directory = Path(directory)
     config = _read_config(directory)
-    dev = resolve_device(device)
+    if device not in (None, "auto", "cpu") and str(device) != "cpu":
+        log.warning("device %r: inference runs on the CPU (ONNX Runtime, float32)", str(device))
     if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise ModelError(f"{directory / CONFIG_FILE}: format_version {config['format_version']} is newer than "
                          f"this package supports ({FORMAT_VERSION}); upgrade covidcxr")
@@ -279,13 +286,13 @@ def load_artifact(directory: str | Path, device: str | torch.device | None = "au
             raise ModelError(f"{directory / CONFIG_FILE}: ensemble config lists no members")
         members = []
         for entry in members_cfg:
-            art = load_artifact(directory / entry["dir"], dev, verify=verify)
+            art = load_artifact(directory / entry["dir"], "cpu", verify=verify)
             if not isinstance(art, ModelArtifact):
                 raise ModelError(f"{directory / entry['dir']}: nested ensembles are not supported")
             members.append(art)
         weights = np.asarray([float(e.get("weight", 1.0)) for e in members_cfg])
         return EnsembleArtifact(directory, config, members, weights / weights.sum())
-    return _load_classifier(directory, config, dev, verify)
+    return _load_classifier(directory, config, verify)
 
 
 # ---------------------------------------------------------------------------------------------------------

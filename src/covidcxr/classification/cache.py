@@ -78,8 +78,8 @@ class _PrepareDataset(Dataset):
         image, _ = load_image(self.images[i])
         mask = read_mask(self.masks[i]) if self.masks[i] else None
         flags: list[str] = []
-        x = preprocess(image, mask, self.cfg, flags=flags)
-        return i, to_uint8(x) if self.uint8 else x, flags
+        x = preprocess(image, mask, self.cfg, flags=flags)  # the inference function, numpy; tensors from here on
+        return i, torch.from_numpy(to_uint8(x) if self.uint8 else x), flags
 
 
 

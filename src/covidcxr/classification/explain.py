@@ -1,8 +1,10 @@
 """Grad-CAM heat maps for classifier and ensemble artifacts, and how much of their energy lies in the lungs.
 
 The heat map explains the COVID class (index 1) by default. Each member of an ensemble is explained on its own
-preprocessed input with the Grad-CAM target layer its architecture registers in :mod:`covidcxr.models`; the
-members' maps are mapped back to the original image geometry and averaged with the ensemble's weights.
+preprocessed input from the last feature map of its exported network (the Grad-CAM target layer its architecture
+registers in :mod:`covidcxr.models`): with a global-average-pool + linear head Grad-CAM equals CAM, so no autograd
+and no torch are needed (:func:`cam_forward`). The members' maps are mapped back to the original image geometry and
+averaged with the ensemble's weights.
 
 ``lung_energy_fraction`` is the share of the heat map's total mass that falls inside the lung mask. A model that
 looks at the lungs scores high; a low value flags shortcut learning (text markers, borders, devices, the
@@ -102,12 +104,13 @@ def explanation_from(
     )
 
 
-def gradcam_forward(member: Any, x: Any, target_class: int = POSITIVE_CLASS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One forward and backward pass of a classifier: logit margin, embedding and Grad-CAM grid together.
+def cam_forward(member: Any, x: Any, target_class: int = POSITIVE_CLASS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One forward pass of a classifier: logit margin, embedding and heat-map grid together (no autograd).
 
-    Only the target layer's activations need gradients: every parameter is frozen and the autograd graph starts
-    at the layer's input, so backward runs through the target layer and the head only. The forward runs under the
-    artifact's inference autocast, so the margin equals :meth:`ModelArtifact.forward_margins` up to rounding.
+    The head after the last feature map ``A`` is global average pooling then a linear layer (checked at export,
+    ``cam_exact``), so Grad-CAM's channel weights are the head's weights divided by the map's area and Grad-CAM equals
+    CAM: ``relu(sum_k w_ck A_k)``. The exported network returns ``sum_k w_ck A_k`` as ``class_maps``; the map is then
+    scaled to [0, 1] and resized to the input square exactly as pytorch-grad-cam does.
 
     Args:
         member: A loaded :class:`~covidcxr.classification.inference.ModelArtifact`.
@@ -120,43 +123,34 @@ def gradcam_forward(member: Any, x: Any, target_class: int = POSITIVE_CLASS) -> 
     Raises:
         ConfigError: ``target_class`` is not a class of the model.
     """
-    import torch
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     from covidcxr.classification.inference import l2_normalise
-    from covidcxr.models.classifier import gradcam_target_layer
 
-    model = member.model
-    n_classes = int(getattr(model, "num_classes", 2))
+    n_classes = int(member.config.get("num_classes", 2))
     if not 0 <= int(target_class) < n_classes:
         raise ConfigError(f"target_class={target_class}: the model has classes 0..{n_classes - 1}")
-    x = x.to(member.device, memory_format=member.memory_format)
-    layer = gradcam_target_layer(model)
-    was_training = model.training
-    model.eval()
-    grad_flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    feats: list[Any] = []
-    # The target layer's output in float32: pytorch-grad-cam reads activations and gradients as numpy (no bf16).
-    hooks = [layer.register_forward_pre_hook(_start_graph_here),
-             layer.register_forward_hook(lambda _m, _a, out: out.float()),
-             model.head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))]
-    try:
-        with torch.enable_grad(), member.autocast(), GradCAM(model=model, target_layers=[layer]) as cam:
-            grid = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(target_class))])[0]
-            logits = cam.outputs.detach().float()
-    finally:
-        for h in hooks:
-            h.remove()
-        for p, flag in zip(model.parameters(), grad_flags, strict=True):
-            p.requires_grad_(flag)
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    margin = (logits[:, 1] - logits[:, 0]).cpu().numpy().astype(np.float64)
-    emb = l2_normalise(feats[-1].float().cpu().numpy())
-    return margin, emb, np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
+    out = member.run_network(x, ["logits", "embedding", "class_maps"])
+    logits = out["logits"].astype(np.float64)
+    margin = logits[:, 1] - logits[:, 0]
+    size = int(np.shape(x)[-1])
+    grid = cam_grid(out["class_maps"][0, int(target_class)], (size, size))
+    return margin, l2_normalise(out["embedding"]), grid
+
+
+def cam_grid(class_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A class map ``h x w`` as a heat map: ReLU, shifted and scaled to [0, 1], resized (bilinear) to ``shape``.
+
+    The same steps as pytorch-grad-cam's ``GradCAM`` (``np.maximum(cam, 0)`` then ``scale_cam_image``), so the grid
+    equals its Grad-CAM of the torch model for a GAP + linear head.
+    """
+    import cv2
+
+    cam = np.maximum(np.nan_to_num(np.asarray(class_map, dtype=np.float32), nan=0.0), 0.0)
+    cam = cam - np.min(cam)
+    cam = cam / (1e-7 + np.max(cam))
+    grid = np.maximum(cv2.resize(cam, (shape[1], shape[0])), 0.0)  # then layers are aggregated and scaled again
+    grid = grid - np.min(grid)
+    grid = grid / (1e-7 + np.max(grid))
+    return np.nan_to_num(np.asarray(grid, dtype=np.float32), nan=0.0)
 
 
 def member_heatmap(
@@ -175,7 +169,7 @@ def member_heatmap(
     """
     by_key, qc = member.member_masks([image], [mask])
     used = by_key.get(member.segmenter_key) if member.segmenter_key else None
-    _, _, grid = gradcam_forward(member, member.preprocess_batch([image], used, qc), target_class)
+    _, _, grid = cam_forward(member, member.preprocess_batch([image], used, qc), target_class)
     return to_image_geometry(grid, image, used[0] if used else None, member.seg_mode)
 
 
@@ -203,7 +197,7 @@ def lung_energy_fraction(heatmap: np.ndarray, mask: np.ndarray) -> float | None:
 
 
 def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, *, image_weight: float = 0.6) -> np.ndarray:
-    """Blend a heat map (jet colour map) into a grey image with pytorch-grad-cam's ``show_cam_on_image``.
+    """Blend a heat map (jet colour map) into a grey image (pytorch-grad-cam's ``show_cam_on_image``, in OpenCV).
 
     Args:
         image: float ``H x W`` in [0, 1].
@@ -216,15 +210,18 @@ def overlay_heatmap(image: np.ndarray, heatmap: np.ndarray, *, image_weight: flo
     Raises:
         ConfigError: ``image_weight`` outside [0, 1] or shapes differ.
     """
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+    import cv2
 
     if not 0.0 <= image_weight <= 1.0:
         raise ConfigError(f"image_weight={image_weight}: expected a value in [0, 1]")
     if np.shape(image) != np.shape(heatmap):
         raise ConfigError(f"heat map shape {np.shape(heatmap)} differs from image shape {np.shape(image)}")
     rgb = np.repeat(np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)[..., None], 3, axis=2)
-    return show_cam_on_image(rgb, np.clip(heatmap, 0.0, 1.0).astype(np.float32), use_rgb=True,
-                             image_weight=float(image_weight))
+    heat = np.clip(heatmap, 0.0, 1.0).astype(np.float32)
+    colour = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    cam = (1 - image_weight) * (np.float32(colour) / 255) + image_weight * rgb
+    cam = cam / np.max(cam)
+    return np.uint8(255 * cam)
 
 
 def heatmap_rgba(heatmap: np.ndarray, *, max_alpha: float = 0.6, full_at: float = 0.5) -> np.ndarray:
@@ -294,16 +291,6 @@ def save_explanation(explanation: Explanation, out_dir: Any, stem: str = "explan
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-
-
-def _start_graph_here(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    import torch
-
-    # clone(): a non-leaf copy, so target layers that work in place (VGG's ReLU(inplace=True)) are allowed.
-    return tuple(a.detach().requires_grad_(True).clone() if isinstance(a, torch.Tensor) and a.is_floating_point()
-                 else a for a in args)
 
 
 

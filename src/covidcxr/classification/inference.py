@@ -5,8 +5,10 @@ share :class:`BaseArtifact`: an ensemble is a list of members, a single model is
 labels, manifests and the single-pass :meth:`BaseArtifact.analyze` are written once. Use
 :func:`covidcxr.classification.artifact.load_artifact` to get one.
 
-One analysis runs each network once: :meth:`BaseArtifact.analyze` returns the probability, the embedding and,
-when asked, the Grad-CAM heat map from the same forward pass, and the :class:`Prediction` carries the lung masks
+Networks run as exported ONNX graphs in float32 (:class:`covidcxr.runtime.OnnxNetwork`; no torch), so every CPU
+gives the same answer. One analysis runs each network once: :meth:`BaseArtifact.analyze` returns the probability,
+the embedding and, when asked, the heat map (CAM from the last feature map, equal to Grad-CAM for these heads) from
+the same forward pass, and the :class:`Prediction` carries the lung masks
 and preprocessed inputs so later steps (the web page, search) never segment or preprocess again.
 """
 
@@ -14,21 +16,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from covidcxr.device import inference_bf16, prefer_channels_last
 from covidcxr.errors import ConfigError, CxrError, ModelError
 from covidcxr.evaluation.calibration import apply_temperature
 from covidcxr.io.files import file_sha256
 from covidcxr.io.image import check_gray
-from covidcxr.models.classifier import CxrClassifier
+from covidcxr.runtime import check_precision
 from covidcxr.transforms.preprocess import PreprocessCfg, preprocess
 from covidcxr.vocab import LABELS
 
@@ -58,6 +57,18 @@ class Prediction:
     prob_uncalibrated: np.ndarray | None = None
     masks: Masks | None = None
     heatmaps: list[np.ndarray] | None = None
+
+
+def _map_threads(fn: Any, items: Sequence[Any]) -> list[Any]:
+    from covidcxr.device import available_cpus
+
+    workers = min(available_cpus(), len(items))
+    if workers <= 1:
+        return [fn(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -211,8 +222,8 @@ class BaseArtifact:
     ) -> Prediction:
         """Everything one image needs, each network run once: probability, embedding and Grad-CAM heat map.
 
-        With ``explain`` the forward pass that gives the probability and the embedding is the one Grad-CAM
-        differentiates (same precision as :meth:`predict`), so the heat map explains exactly that prediction.
+        With ``explain`` the forward pass that gives the probability and the embedding also gives the last feature
+        map the heat map is computed from, so the heat map explains exactly that prediction.
 
         Args:
             image: float32 ``H x W`` in [0, 1].
@@ -223,7 +234,7 @@ class BaseArtifact:
         Returns:
             A :class:`Prediction` for one image, with ``embeddings``, ``masks`` and (with ``explain``) ``heatmaps``.
         """
-        from covidcxr.classification.explain import gradcam_forward, to_image_geometry
+        from covidcxr.classification.explain import cam_forward, to_image_geometry
 
         image = check_gray(image, 0)
         by_key, qc = self.member_masks([image], [mask])
@@ -232,7 +243,7 @@ class BaseArtifact:
             used = by_key.get(m.segmenter_key) if m.segmenter_key else None
             x = m.preprocess_batch([image], used, qc)
             if explain:
-                margin, emb, grid = gradcam_forward(m, x, target_class)
+                margin, emb, grid = cam_forward(m, x, target_class)
                 heats.append(to_image_geometry(grid, image, used[0] if used else None, m.seg_mode))
             else:
                 margin, emb = m.forward_margins(x, features=True)
@@ -286,19 +297,18 @@ class ModelArtifact(BaseArtifact):
     """A loaded classifier artifact (use :func:`~covidcxr.classification.artifact.load_artifact`).
 
     Attributes:
-        model: The network in eval mode on ``device``.
-        device: Inference device.
+        network: The exported network (:class:`covidcxr.runtime.OnnxNetwork`; outputs
+            :data:`covidcxr.runtime.CLASSIFIER_OUTPUTS`), run in float32.
+        device: ``cpu`` (ONNX Runtime's CPU provider; kept for callers that read it).
         preprocess_cfg: Input size, segmentation mode and intensity standardisation from the config.
     """
 
     kind = "classifier"
 
-    def __init__(self, directory: Path, config: dict[str, Any], model: CxrClassifier, device: torch.device) -> None:
+    def __init__(self, directory: Path, config: dict[str, Any], network: Any, device: Any = "cpu") -> None:
         super().__init__(directory, config)
-        # The faster memory layout for this device (measured: benchmarks/precision.py).
-        self.memory_format = torch.channels_last if prefer_channels_last(device) else torch.contiguous_format
-        self.model = model.to(memory_format=self.memory_format)
-        self.device = device
+        self.network = network
+        self.device = "cpu"
         self.preprocess_cfg = PreprocessCfg.from_config(config)
         self.members = [self]
         self.member_weights = np.ones(1)
@@ -322,7 +332,7 @@ class ModelArtifact(BaseArtifact):
     @property
     def num_features(self) -> int:
         """Embedding dimension of :meth:`embed`."""
-        return int(self.model.num_features)
+        return int(self.config["num_features"])
 
     @property
     def segmenter_key(self) -> str | None:
@@ -357,8 +367,7 @@ class ModelArtifact(BaseArtifact):
         if not weights.is_file():
             raise ModelError(f"{weights}: segmenter weights missing from the model artifact")
         try:
-            return LungSegmenter.load(weights, device=str(self.device),
-                                      precision="auto" if self.config.get("bf16_inference", True) else "fp32")
+            return LungSegmenter.load(weights)
         except CxrError:
             raise
         except Exception as exc:  # any failure of a corrupt file surfaces as ModelError naming it
@@ -372,7 +381,7 @@ class ModelArtifact(BaseArtifact):
         return [np.asarray(r.mask) for r in results], [list(r.qc_flags) for r in results]
 
     # -- preprocessing ----------------------------------------------------------------------------------
-    def preprocess(self, image: np.ndarray, mask: np.ndarray | None = None) -> torch.Tensor:
+    def preprocess(self, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """The model's input for one image (:func:`covidcxr.transforms.preprocess.preprocess` with its config).
 
         Args:
@@ -380,63 +389,60 @@ class ModelArtifact(BaseArtifact):
             mask: Optional lung mask; predicted when needed and not given.
 
         Returns:
-            float32 tensor ``(1, input_size, input_size)``.
+            float32 array ``(1, input_size, input_size)``.
         """
         by_key, qc = self.member_masks([image], [mask])
         self._last_qc = qc
         return self.preprocess_batch([image], by_key.get(self.segmenter_key) if self.segmenter_key else None, qc)[0]
 
     def preprocess_batch(self, images: Sequence[np.ndarray], masks: Masks | None,
-                         qc: list[list[str]] | None = None) -> torch.Tensor:
+                         qc: list[list[str]] | None = None) -> np.ndarray:
         """Stacked model inputs ``(N, 1, S, S)``; ``masks`` must be given when the model segments."""
         if self.preprocess_cfg.needs_mask and masks is None:
             raise ConfigError(f"segmentation mode {self.seg_mode!r} needs lung masks")
         qc = qc if qc is not None else [[] for _ in images]
-        x = [preprocess(im, masks[i] if masks is not None else None, self.preprocess_cfg, flags=qc[i])
-             for i, im in enumerate(images)]
+
+        def one(i: int) -> np.ndarray:
+            return preprocess(images[i], masks[i] if masks is not None else None, self.preprocess_cfg, flags=qc[i])
+
+        # OpenCV and Pillow release the GIL: the images of a batch are prepared in parallel.
+        x = _map_threads(one, range(len(images)))
         size = self.preprocess_cfg.input_size
-        return torch.stack(x) if x else torch.zeros((0, 1, size, size))
+        return np.stack(x) if x else np.zeros((0, 1, size, size), np.float32)
 
     # -- inference --------------------------------------------------------------------------------------
-    def autocast(self, bf16: bool | None = None) -> Any:
-        """The autocast context of this model's inference (bf16 only where native and the config allows it)."""
-        use = bool(self.config.get("bf16_inference", True)) and inference_bf16(self.device) if bf16 is None else bf16
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use else nullcontext()
+    def run_network(self, batch: Any, outputs: Sequence[str], *, bf16: bool | None = None,
+                    batch_size: int = 32) -> dict[str, np.ndarray]:
+        """The exported network's named outputs for preprocessed inputs ``(N, 1, S, S)`` (float32)."""
+        if bf16:
+            check_precision("bf16")  # raises: inference is float32 on every CPU
+        x = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
+        return self.network.run(x, outputs, batch_size=batch_size)
 
-    @torch.inference_mode()
     def forward_margins(
-        self, batch: torch.Tensor, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
+        self, batch: Any, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Run the network on preprocessed inputs and return uncalibrated logit margins.
 
         Args:
-            batch: ``(N, 1, S, S)`` float tensor from :meth:`preprocess_batch`.
-            bf16: Force bf16 autocast on/off; None = config flag where bf16 is native on the device.
+            batch: ``(N, 1, S, S)`` float array (or tensor) from :meth:`preprocess_batch`.
+            bf16: Kept for callers; True raises (inference computes in float32), None/False are float32.
             features: Also return L2-normalised embeddings.
             batch_size: Chunk size.
 
         Returns:
             ``(logit_covid - logit_non_covid (N,), embeddings (N, D) or None)``.
         """
-        margins, feats = [], []
-        self.model.eval()
-        for start in range(0, len(batch), batch_size):
-            x = batch[start : start + batch_size].to(self.device, non_blocking=True, memory_format=self.memory_format)
-            with self.autocast(bf16):
-                f = self.model.forward_features(x)
-                logits = self.model.forward_head(f)
-            logits = logits.float()
-            margins.append((logits[:, 1] - logits[:, 0]).cpu().numpy())
-            if features:
-                feats.append(f.float().cpu().numpy())
-        margin = np.concatenate(margins).astype(np.float64) if margins else np.zeros(0, dtype=np.float64)
-        if not features:
-            return margin, None
-        emb = l2_normalise(np.concatenate(feats)) if feats else np.zeros((0, self.num_features), dtype=np.float32)
-        return margin, emb
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float64), (np.zeros((0, self.num_features), np.float32) if features else None)
+        out = self.run_network(batch, ["logits", "embedding"] if features else ["logits"], bf16=bf16,
+                               batch_size=batch_size)
+        logits = out["logits"].astype(np.float64)
+        margin = logits[:, 1] - logits[:, 0]
+        return margin, (l2_normalise(out["embedding"]) if features else None)
 
     def forward_batches(
-        self, batch: torch.Tensor, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
+        self, batch: Any, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """:meth:`forward_margins` turned into probabilities with the stored temperature."""
         margin, emb = self.forward_margins(batch, bf16=bf16, features=features, batch_size=batch_size)
@@ -471,7 +477,7 @@ class EnsembleArtifact(BaseArtifact):
         """Embedding dimension (sum of the members')."""
         return sum(m.num_features for m in self.members)
 
-    def preprocess(self, image: np.ndarray, mask: np.ndarray | None = None) -> list[torch.Tensor]:
+    def preprocess(self, image: np.ndarray, mask: np.ndarray | None = None) -> list[np.ndarray]:
         """Each member's preprocessed input (members may differ in size and segmentation mode)."""
         return [m.preprocess(image, mask) for m in self.members]
 

@@ -189,6 +189,32 @@ ON_ERROR = ("raise", "skip", "report")
 """What the manifest loop does with an unreadable image: stop, drop its row, or keep it as a ``status`` ``error`` row."""
 
 
+def _predict_chunk(artifact: Artifact, rows: pd.DataFrame, start: int, images: list[np.ndarray], ok: list[int],
+                   bad: list[str], caches: dict[str, Any], segmenters: dict[str, Any], embeddings: bool, gating: bool,
+                   bf16: bool | None, out_lists: tuple[list[Any], ...]) -> None:
+    """Masks, prediction and gate of one decoded chunk, appended to ``out_lists``."""
+    probs, raws, embs, qcs, kept, problems, gates = out_lists
+    problems += bad
+    if not images:
+        return
+    rows = rows.iloc[ok]
+    masks_by_key: dict[str, list[np.ndarray]] = {}
+    qc: list[list[str]] = [[] for _ in images]
+    for key, cache in caches.items():
+        got, flags = load_masks_for_rows(rows, images, segmenters[key], cache)
+        masks_by_key[key] = got
+        qc = [sorted(set(a) | set(b)) for a, b in zip(qc, flags, strict=True)]
+    out = artifact.predict(images, masks_by_key, embeddings=embeddings or gating, bf16=bf16)
+    probs.append(out.prob)
+    raws.append(out.prob_uncalibrated)
+    out.qc_flags = [sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True)]
+    qcs.extend(out.qc_flags)
+    gates.extend(artifact.gate(out, images))
+    kept.extend(start + i for i in ok)
+    if embeddings:
+        embs.append(out.embeddings)
+
+
 def predict_manifest(
     artifact: Artifact,
     df: pd.DataFrame,
@@ -204,8 +230,9 @@ def predict_manifest(
 ) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Predict (and embed) every row of a manifest table: the one loop behind predict, evaluate, embed and index.
 
-    Images are decoded in threads chunk by chunk; lung masks come from the ``mask`` column, else the mask cache,
-    else the artifact's segmenter (batched, then cached); the artifact preprocesses exactly as in training.
+    Images are decoded in threads chunk by chunk, the next chunk while the networks run on this one; lung masks
+    come from the ``mask`` column, else the mask cache, else the artifact's segmenter (batched, then cached); the
+    artifact preprocesses exactly as in training.
 
     Args:
         artifact: Loaded classifier or ensemble artifact.
@@ -217,7 +244,7 @@ def predict_manifest(
         progress: Show a tqdm progress bar.
         skip_bad: Skip unreadable images with a warning (their rows are dropped) instead of raising
             (``on_error='skip'``).
-        bf16: Force bf16 autocast on/off; None = the artifact's setting where native.
+        bf16: Kept for callers: None/False compute in float32 (every inference does); True is refused.
         on_error: One of :data:`ON_ERROR` (default ``skip`` with ``skip_bad``, else ``raise``). ``report`` keeps
             every row: an unreadable image gets ``status`` ``error``, its reason in ``no_result_reason`` and no
             probability (its embedding row, with ``embeddings``, is left out: use ``skip`` there).
@@ -243,33 +270,29 @@ def predict_manifest(
         raise ConfigError(f"on_error={on_error!r}: expected one of {ON_ERROR}")
     caches = {key: MaskCache(mask_dir, key) for key in sorted(artifact.segmenter_keys)}
     segmenters = {m.segmenter_key: m.segment for m in reversed(artifact.members) if m.segmenter_key is not None}
-    probs, raws, embs, qcs, kept, problems, gates = [], [], [], [], [], [], []
+    out_lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
     failed: dict[int, str] = {}
     gating = artifact.ood_reference is not None
     rows_all = df.reset_index(drop=True)
-    for start in tqdm(range(0, len(rows_all), batch_size), desc="predict", unit="batch", disable=not progress):
-        rows = rows_all.iloc[start : start + batch_size]
-        images, ok, bad = _decode_rows(rows["image"].astype(str).tolist(), num_workers, on_error, start)
-        problems += bad
-        failed.update((start + i, why) for i, why in zip(sorted(set(range(len(rows))) - set(ok)), bad, strict=True))
-        if not images:
-            continue
-        rows = rows.iloc[ok]
-        masks_by_key: dict[str, list[np.ndarray]] = {}
-        qc: list[list[str]] = [[] for _ in images]
-        for key, cache in caches.items():
-            got, flags = load_masks_for_rows(rows, images, segmenters[key], cache)
-            masks_by_key[key] = got
-            qc = [sorted(set(a) | set(b)) for a, b in zip(qc, flags, strict=True)]
-        out = artifact.predict(images, masks_by_key, embeddings=embeddings or gating, bf16=bf16)
-        probs.append(out.prob)
-        raws.append(out.prob_uncalibrated)
-        out.qc_flags = [sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True)]
-        qcs.extend(out.qc_flags)
-        gates.extend(artifact.gate(out, images))
-        kept.extend(start + i for i in ok)
-        if embeddings:
-            embs.append(out.embeddings)
+    paths_all = rows_all["image"].astype(str).tolist()
+    starts = list(range(0, len(rows_all), batch_size))
+    # Decoding the next chunk overlaps the networks on this one (ONNX Runtime, OpenCV and Pillow release the GIL).
+    prefetch = ThreadPoolExecutor(1, thread_name_prefix="covidcxr-decode")
+    try:
+        pending = prefetch.submit(_decode_rows, paths_all[:batch_size], num_workers, on_error, 0) if starts else None
+        for k, start in enumerate(tqdm(starts, desc="predict", unit="batch", disable=not progress)):
+            images, ok, bad = pending.result()
+            if k + 1 < len(starts):
+                nxt = starts[k + 1]
+                pending = prefetch.submit(_decode_rows, paths_all[nxt : nxt + batch_size], num_workers, on_error,
+                                          nxt)
+            n_rows = len(paths_all[start : start + batch_size])
+            failed.update((start + i, why) for i, why in zip(sorted(set(range(n_rows)) - set(ok)), bad, strict=True))
+            _predict_chunk(artifact, rows_all.iloc[start : start + batch_size], start, images, ok, bad, caches,
+                           segmenters, embeddings, gating, bf16, out_lists)
+    finally:
+        prefetch.shutdown(wait=True, cancel_futures=True)
+    probs, raws, embs, qcs, kept, problems, gates = out_lists
     if problems:
         if not kept and on_error == "skip":
             raise ConfigError(f"none of the {len(rows_all)} images could be read (first problem: {problems[0]})")

@@ -243,7 +243,12 @@ def fit_classifier(
                 if t.is_floating_point():
                     t.copy_(t.half().float())
     device = resolve_device("cuda" if uses_cuda(cfg.accelerator) else "cpu")
-    model.to(device)
+    # Validation (temperature, threshold) runs through the exported network, the path that serves the model.
+    from covidcxr.classification.artifact import ONNX_FILE
+    from covidcxr.models.export import export_classifier
+    from covidcxr.runtime import OnnxNetwork
+
+    export_classifier(model, out / ONNX_FILE, cfg.image_size)
     mean, std = NORMALIZATIONS[cfg.normalization]
     config: dict[str, Any] = {
         "arch": cfg.arch,
@@ -260,7 +265,7 @@ def fit_classifier(
         "bf16_inference": cfg.bf16_inference,
         "weights_sha256": "",
     }
-    art = ModelArtifact(out, config, model, device)
+    art = ModelArtifact(out, {**config, "num_features": model.num_features}, OnnxNetwork(out / ONNX_FILE))
     val_pred = data.predict(art, "val", 2 * cfg.batch_size)
     point = fit_operating_point(val_pred, cfg)
     summary: dict[str, Any] = {

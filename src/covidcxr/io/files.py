@@ -107,6 +107,21 @@ def _umask() -> int:
     return mask
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes atomically (temporary file in the same folder, then rename); returns ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, readable_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``json_safe(data)`` as indented strict JSON, atomically (temporary file, then rename).
 

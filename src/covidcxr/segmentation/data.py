@@ -155,7 +155,7 @@ def _load_pair(image_path: str, mask_path: str, size: int) -> tuple[torch.Tensor
 
     image = load_image(image_path)[0]
     mask = load_image(mask_path)[0] >= 0.5
-    return resize_image(image, size).to(torch.float16), resize_mask(mask, size)
+    return torch.from_numpy(resize_image(image, size)).to(torch.float16), torch.from_numpy(resize_mask(mask, size))
 
 
 def preload_pairs(df: pd.DataFrame, size: int, *, threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,7 +81,7 @@ def evaluate_masks(
         results = segmenter.predict(images)
         for (_, row), res in zip(part.iterrows(), results):
             ref = load_image(row["mask"])[0] >= 0.5
-            pred = res.mask if res.mask.shape == ref.shape else resize_mask(res.mask, ref.shape).numpy()
+            pred = res.mask if res.mask.shape == ref.shape else resize_mask(res.mask, ref.shape)
             records.append(
                 {
                     "image": row["image"],

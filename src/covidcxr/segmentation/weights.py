@@ -1,4 +1,9 @@
-"""Saving, loading and installing lung U-Net weights (the shipped ones live in covidcxr/weights/)."""
+"""Saving, loading, exporting and installing lung U-Net weights (the shipped ones live in covidcxr/weights/).
+
+A segmenter is three files side by side: ``lung_unet.safetensors`` (the weights, for training), ``lung_unet.json``
+(its config) and ``lung_unet.onnx`` (the exported network that inference runs; its SHA-256 is in the config under
+``"onnx"``). Only saving, loading into torch and exporting need torch.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,20 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from covidcxr.errors import ConfigError, ModelError, PretrainedWeightsError
 from covidcxr.io.files import file_sha256
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 WEIGHTS_NAME = "lung_unet.safetensors"
 CONFIG_NAME = "lung_unet.json"
+ONNX_NAME = "lung_unet.onnx"
 MAX_WEIGHTS_BYTES = 15 * 1024 * 1024
 
 
@@ -93,8 +100,50 @@ def save_unet(
     if weights.stat().st_size > MAX_WEIGHTS_BYTES:
         raise ModelError(f"{weights}: {weights.stat().st_size / 2**20:.1f} MiB exceeds the 15 MB weights budget")
     cfg["weights_sha256"] = file_sha256(weights)
+    # The network inference runs: exported from the weights as stored (fp16 storage -> the fp32 values used).
+    state_model = load_unet_state(model, state)
+    cfg["onnx"] = _export(state_model, cfg, out / ONNX_NAME)
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return weights
+
+
+def load_unet_state(model: torch.nn.Module, state: dict[str, Any]) -> torch.nn.Module:
+    """A float32 CPU copy of ``model`` holding ``state`` (fp16 tensors widened), for export."""
+    import copy
+
+    clone = copy.deepcopy(model).float().cpu()
+    clone.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    return clone.eval()
+
+
+def _export(model: torch.nn.Module, config: dict[str, Any], path: Path) -> dict[str, Any]:
+    from covidcxr.models.export import export_unet
+
+    entry = export_unet(model, config, path)
+    entry["weights_sha256"] = config["weights_sha256"]
+    return entry
+
+
+def export_segmenter(path: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``lung_unet.onnx`` next to existing U-Net weights and record it in their ``lung_unet.json``.
+
+    Args:
+        path: Weights file or folder (None = the package's shipped weights).
+
+    Returns:
+        The ONNX file.
+
+    Raises:
+        ModelError: Missing or invalid files.
+    """
+    from covidcxr.io.files import write_json
+
+    model, config, weights = load_unet(path)
+    config.setdefault("weights_sha256", file_sha256(weights))
+    config["onnx"] = _export(model, config, weights.with_suffix(".onnx"))
+    write_json(weights.with_suffix(".json"), config)
+    log.info("exported %s -> %s", weights, weights.with_suffix(".onnx"))
+    return weights.with_suffix(".onnx")
 
 
 def load_unet(path: str | os.PathLike[str] | None = None) -> tuple[torch.nn.Module, dict[str, Any], Path]:
@@ -150,9 +199,12 @@ def install_weights(src_dir: str | os.PathLike[str], dest_dir: str | os.PathLike
     """
     weights, config = _resolve_weights(src_dir)
     load_unet(weights)  # refuse to install something that does not load
+    if not weights.with_suffix(".onnx").is_file():
+        export_segmenter(weights)
     dest = Path(dest_dir) if dest_dir is not None else WEIGHTS_DIR
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(weights, dest / WEIGHTS_NAME)
     shutil.copyfile(config, dest / CONFIG_NAME)
+    shutil.copyfile(weights.with_suffix(".onnx"), dest / ONNX_NAME)
     log.info("installed lung U-Net weights into %s", dest)
     return dest / WEIGHTS_NAME

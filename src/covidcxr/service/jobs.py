@@ -300,3 +300,30 @@ def check_index_target(out: str | Path, force: bool) -> None:
     from covidcxr.retrieval.workflow import check_index_out
 
     check_index_out(Path(out), force)
+
+
+def export_networks(model: str | Path | None = None, segmenter: str | Path | None = None) -> list[Path]:
+    """``covidcxr export``: write the ONNX networks of a model artifact and/or a lung segmenter (needs torch).
+
+    Args:
+        model: Classifier or ensemble artifact folder.
+        segmenter: Lung U-Net weights file or folder.
+
+    Returns:
+        The ONNX files written.
+
+    Raises:
+        ConfigError: Neither given.
+    """
+    written: list[Path] = []
+    if model is None and segmenter is None:
+        raise ConfigError("covidcxr export needs --model DIR and/or --segmenter PATH")
+    if segmenter is not None:
+        from covidcxr.segmentation.weights import export_segmenter
+
+        written.append(export_segmenter(segmenter))
+    if model is not None:
+        from covidcxr.classification.export import export_model
+
+        written += export_model(model)
+    return written

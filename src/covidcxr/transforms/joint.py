@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from covidcxr.errors import ConfigError
-from covidcxr.transforms.resize import _EPS, resize_image
+from covidcxr.transforms.resize import _EPS
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,10 @@ def prepare_batch(images: Sequence[np.ndarray | torch.Tensor], config: dict[str,
     Raises:
         ConfigError: An image is not 2-D or the config is invalid.
     """
-    size = int(config["input_size"])
-    if len(images) == 0:
-        return torch.zeros((0, 1, size, size))
-    batch = torch.stack([resize_image(im, size) for im in images])[:, None]
-    return normalise(batch, config["normalisation"])
+    from covidcxr.transforms.preprocess import segmenter_input
+
+    arrays = [im.detach().cpu().numpy() if isinstance(im, torch.Tensor) else im for im in images]
+    return normalise(torch.from_numpy(segmenter_input(arrays, config)), config["normalisation"])
 
 
 # --------------------------------------------------------------------------------------------- augmentation

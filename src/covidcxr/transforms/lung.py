@@ -62,7 +62,7 @@ def apply_seg_mode(
     shape = _out_shape(out_size, image.shape)
     lung = mask > 0
     if lung.shape != image.shape:
-        lung = resize_mask(lung, image.shape).numpy() > 0
+        lung = resize_mask(lung, image.shape) > 0
     if mode != "none" and not lung.any():
         log.warning("empty lung mask: seg mode %r falls back to the full image", mode)
         if flags is not None and "seg_fallback" not in flags:
@@ -80,7 +80,7 @@ def apply_seg_mode(
         image = _crop_to_lungs(image, lung, shape, margin)
     if image.shape == shape:
         return np.ascontiguousarray(image, dtype=np.float32)
-    return resize_image(image, shape).numpy()
+    return resize_image(image, shape)
 
 
 def lung_crop_box(lung: np.ndarray, shape: tuple[int, int], margin: float = 0.1) -> tuple[int, int, int, int]:

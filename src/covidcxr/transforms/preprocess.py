@@ -7,7 +7,11 @@ target size, intensity standardisation. Training validation, inference, embeddin
 model sees the same pixels in all four (normalisation happens in the network's stem).
 
 Training's augmentation cache calls the same function at a larger size (:func:`to_uint8` then stores it), so
-random crops have room to move.
+random crops have room to move. Everything here is numpy/OpenCV/Pillow: inference runs it without torch, and
+training runs the very same code (it wraps the arrays in tensors afterwards).
+
+:func:`segmenter_input` is the lung U-Net's counterpart (resize to the U-Net's input size; its normalisation is
+part of the exported network).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from covidcxr.errors import ConfigError
 from covidcxr.transforms.resize import resize_image
@@ -67,7 +70,7 @@ def preprocess(
     *,
     size: int | None = None,
     flags: list[str] | None = None,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Turn a decoded image into the classifier's input.
 
     Segmentation mode (zero outside the lungs, or crop to their box) at full resolution, then one antialiased
@@ -82,7 +85,7 @@ def preprocess(
         flags: QC flag list; ``seg_fallback`` is appended when an empty mask forces the full image.
 
     Returns:
-        float32 tensor ``(1, S, S)`` in [0, 1].
+        float32 array ``(1, S, S)`` in [0, 1].
 
     Raises:
         ConfigError: A 3-D image, or a missing mask.
@@ -96,16 +99,35 @@ def preprocess(
         from covidcxr.transforms.lung import apply_seg_mode
 
         image = apply_seg_mode(image, mask, cfg.seg_mode, flags=flags)
-    out = resize_image(image, int(size or cfg.input_size)).clamp_(0.0, 1.0)
+    out = np.clip(resize_image(image, int(size or cfg.input_size)), 0.0, 1.0)
     return standardise_intensity(out, cfg.intensity)[None]
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Quantise a float image in [0, 1] to uint8 (training's compact augmentation cache)."""
-    return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Quantise a float image in [0, 1] to uint8 (training's compact augmentation cache; CLAHE's 8-bit input)."""
+    return np.round(np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
 
 
-def standardise_intensity(image: torch.Tensor, mode: str) -> torch.Tensor:
+def segmenter_input(images: Any, config: Mapping[str, Any]) -> np.ndarray:
+    """The lung U-Net's input batch: each gray image resized to the config's ``input_size``.
+
+    The U-Net's normalisation (``zscore``/``unit``) is part of its exported network, so this is all inference
+    and training share on the way in.
+
+    Args:
+        images: ``H x W`` float images in [0, 1]; sizes may differ.
+        config: The U-Net config (``input_size``).
+
+    Returns:
+        float32 ``(N, 1, S, S)``.
+    """
+    size = int(config["input_size"])
+    if len(images) == 0:
+        return np.zeros((0, 1, size, size), np.float32)
+    return np.stack([resize_image(im, size) for im in images])[:, None]
+
+
+def standardise_intensity(image: np.ndarray, mode: str) -> np.ndarray:
     """Intensity standardisation of a resized float image in [0, 1].
 
     ``clahe``: contrast-limited adaptive histogram equalisation (OpenCV, clip limit 2, 8 x 8 tiles, on 8 bits). It
@@ -113,11 +135,11 @@ def standardise_intensity(image: torch.Tensor, mode: str) -> torch.Tensor:
     otherwise use to recognise the source instead of the disease.
 
     Args:
-        image: float32 tensor ``(S, S)`` in [0, 1].
+        image: float32 array ``(S, S)`` in [0, 1].
         mode: One of :data:`covidcxr.vocab.INTENSITY_MODES`.
 
     Returns:
-        float32 tensor ``(S, S)`` in [0, 1].
+        float32 array ``(S, S)`` in [0, 1].
 
     Raises:
         ConfigError: Unknown mode.
@@ -128,6 +150,6 @@ def standardise_intensity(image: torch.Tensor, mode: str) -> torch.Tensor:
         return image
     import cv2
 
-    eight = np.ascontiguousarray(to_uint8(image).numpy())
+    eight = np.ascontiguousarray(to_uint8(image))
     out = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(eight)
-    return torch.from_numpy(out.astype(np.float32) / 255.0)
+    return out.astype(np.float32) / 255.0

@@ -1,11 +1,10 @@
-"""Resizing images (antialiased) and masks (nearest)."""
+"""Resizing images (antialiased, Pillow) and masks (area + threshold): numpy in, numpy out, no torch."""
 
 from __future__ import annotations
 
 import logging
 
 import numpy as np
-import torch
 
 from covidcxr.errors import ConfigError
 
@@ -15,18 +14,19 @@ _EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------- resizing
-def resize_image(image: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize a gray image with bilinear interpolation, antialiased when shrinking (triangle filter).
 
     Pillow's float ("F" mode) resampler is used: on CPU it is 10-40x faster than ``torch.nn.functional.interpolate``
-    for single images, which matters because inference resizes every image twice (in and out).
+    for single images, which matters because inference resizes every image twice (in and out). Training and
+    inference call this same function, and it needs no torch (a torch tensor is accepted and read as numpy).
 
     Args:
         image: ``H x W`` float array.
         size: Output side (square) or ``(height, width)``.
 
     Returns:
-        float32 tensor of the new size.
+        float32 array of the new size.
 
     Raises:
         ConfigError: The image is not 2-D.
@@ -34,17 +34,17 @@ def resize_image(image: np.ndarray | torch.Tensor, size: int | tuple[int, int]) 
     from PIL import Image
 
     out = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     if arr.ndim != 2:
         raise ConfigError(f"image shape {tuple(arr.shape)}: expected a 2-D H x W array")
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.shape == out:
-        return torch.from_numpy(arr.copy())
+        return arr.copy()
     resized = Image.fromarray(arr).resize((out[1], out[0]), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.array(resized, dtype=np.float32))
+    return np.array(resized, dtype=np.float32)
 
 
-def resize_mask(mask: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize a binary mask by area averaging and re-thresholding at 0.5 (less jagged than nearest).
 
     Args:
@@ -52,10 +52,10 @@ def resize_mask(mask: np.ndarray | torch.Tensor, size: int | tuple[int, int]) ->
         size: Output side (square) or ``(height, width)``.
 
     Returns:
-        uint8 tensor in {0, 1}.
+        uint8 array in {0, 1}.
 
     Raises:
         ConfigError: The mask is not 2-D.
     """
-    m = torch.as_tensor(np.asarray(mask)) if not isinstance(mask, torch.Tensor) else mask
-    return (resize_image((m > 0).float(), size) >= 0.5).to(torch.uint8)
+    m = mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)
+    return (resize_image((m > 0).astype(np.float32), size) >= 0.5).astype(np.uint8)
