@@ -1,6 +1,6 @@
 """The operating point of a trained classifier: temperature scaling and the decision threshold, on validation.
 
-Used by training and by re-calibration of a finished model (``tools/train_shipped_model.py --recalibrate``), so both
+Used by training and by the shipped model's build on out-of-fold predictions (``tools/ship_model.py``), so both
 choose them the same way: temperature fitted on validation margins (NLL), threshold by the configured method on
 the validation rows of sources holding both labels when each class has enough of them (hard negatives), else all.
 """
