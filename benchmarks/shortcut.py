@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_flags, cpu_model  # noqa: E402
+from _machine import cpu_flags, cpu_model
 
 log = logging.getLogger("shortcut")
 
@@ -144,7 +144,7 @@ def acquisition_augment(images: np.ndarray, seed: int, work: Path, tag: str) -> 
         f = rng.uniform(0.4, 0.8)
         small = cv2.resize(im, (int(s * f), int(s * f)), interpolation=cv2.INTER_AREA)
         im = cv2.resize(small, (s, s), interpolation=cv2.INTER_LINEAR)
-        ok, buf = cv2.imencode(".jpg", (im * 255).round().astype(np.uint8),
+        _ok, buf = cv2.imencode(".jpg", (im * 255).round().astype(np.uint8),
                                [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 90))])
         im = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
         b = int(rng.integers(0, s // 12))
@@ -438,11 +438,11 @@ def run_origin(df: pd.DataFrame, x: np.ndarray, head_factory, hows: list[str], s
 # ---------------------------------------------------------------------------------------------------------
 
 EARLIER = [
-    ("previous shipped model (EfficientNet-Lite0 ImageNet, mask, fine-tuned; chosen by validation two-label AUC on "
-     "13 negatives)", "hidden evaluation (issue 20): unseen patients 0.974 overall, **0.50** within ieee8023, "
-     "**0.78** on two unseen hospitals; its card said 0.77 ± 0.11 (test split, 8 negatives)"),
-    ("from-scratch ResNet18, lung crop, 224 px, 12 epochs (issue 20)", "hidden: 0.69 within ieee8023, 0.85 unseen "
-     "hospitals"),
+    (("previous shipped model (EfficientNet-Lite0 ImageNet, mask, fine-tuned; chosen by validation two-label AUC on "
+     "13 negatives)"), ("hidden evaluation (issue 20): unseen patients 0.974 overall, **0.50** within ieee8023, "
+     "**0.78** on two unseen hospitals; its card said 0.77 ± 0.11 (test split, 8 negatives)")),
+    ("from-scratch ResNet18, lung crop, 224 px, 12 epochs (issue 20)", ("hidden: 0.69 within ieee8023, 0.85 unseen "
+     "hospitals")),
     ("benchmarks/results/transfer.md (test split, 60 two-label rows, 8 negatives, 3 seeds)",
      "imagenet_mask 0.772 ± 0.111, scratch_crop 0.736 ± 0.154, imagenet_crop 0.619 ± 0.102 two-label test AUC"),
 ]
@@ -494,12 +494,12 @@ def write_report(paths: list[Path], out_md: Path) -> None:
          "label) on the representation the head sees, held-out folds only (0.5 = no archive information; first fold "
          "seed, C=0.03 rows). The overall AUC is shown but never used to choose."),
         "",
-        f"Machine: {machine.get('cpu')} ({', '.join(machine.get('flags', []))}), {machine.get('threads')} thread(s); "
+        (f"Machine: {machine.get('cpu')} ({', '.join(machine.get('flags', []))}), {machine.get('threads')} thread(s); "
         "the search ran beside other jobs on 2 cores, so no timing is reported. Command: `python benchmarks/shortcut.py --stage all` (heads), "
-        "`--stage partial` (partial fine-tunes), `--stage report` (this file).",
+        "`--stage partial` (partial fine-tunes), `--stage report` (this file)."),
         "",
-        "| rank | kind | features / network | rows | balanced | INLP | C / epochs:lr | two-label AUC (OOF) | "
-        "overall AUC | source probe |",
+        ("| rank | kind | features / network | rows | balanced | INLP | C / epochs:lr | two-label AUC (OOF) | "
+        "overall AUC | source probe |"),
         "|---:|---|---|---|---|---|---|---:|---:|---:|",
     ]
     for i, r in enumerate(rows, 1):

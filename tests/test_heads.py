@@ -43,7 +43,7 @@ def test_inlp_projection_removes_the_source_direction() -> None:
     P = inlp_projection(z, source, y, 3)
     np.testing.assert_allclose(P @ P, P, atol=1e-8)  # a projection
     moved = z @ P
-    gap = lambda a: abs(a[source == "A", 1].mean() - a[source == "B", 1].mean())  # noqa: E731
+    gap = lambda a: abs(a[source == "A", 1].mean() - a[source == "B", 1].mean())
     assert gap(moved) < 0.2 * gap(z)
     # The disease direction survives.
     assert abs(moved[y == 1, 0].mean() - moved[y == 0, 0].mean()) > 0.5 * abs(z[y == 1, 0].mean() - z[y == 0, 0].mean())

@@ -36,7 +36,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import shortcut  # noqa: E402
+import shortcut
 
 log = logging.getLogger("tools.ship_model")
 INSTALL_DIR = ROOT / "src" / "covidcxr" / "weights" / "covid_classifier"
@@ -48,8 +48,8 @@ FOLD_SEEDS = (0, 1)
 TARGET_SENSITIVITY = 0.75
 # The recipe (benchmarks/results/shortcut.md): mean logit of a head fitted on the two-label rows with 5 rounds of
 # pathology-matched INLP, and a head fitted on every row with source x label balancing.
-RECIPE = [dict(C=0.03, pca=128, balance=False, rows="two_label", inlp=5, matched=True),
-          dict(C=0.03, pca=128, balance=True, rows="all", inlp=0, matched=False)]
+RECIPE = [{"C": 0.03, "pca": 128, "balance": False, "rows": "two_label", "inlp": 5, "matched": True},
+          {"C": 0.03, "pca": 128, "balance": True, "rows": "all", "inlp": 0, "matched": False}]
 
 
 def make_head():
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                        "source x label; each fitted on the images plus one re-acquired copy of each (gamma/"
                        "contrast, blur or sharpening, noise, JPEG, down-up-sampling, borders, burned-in marks)"),
             "heads": make_head().get_params(),
-            "n_images": int(len(df)), "n_patients": int(df["patient_id"].nunique()),
+            "n_images": len(df), "n_patients": int(df["patient_id"].nunique()),
             "calibration": point.calibration,
             "chosen_by": "benchmarks/results/shortcut.md (pooled out-of-fold two-label ROC AUC over fold seeds)",
         },
@@ -286,8 +286,8 @@ def model_card(cfg: dict[str, Any], df: pd.DataFrame, oof: pd.DataFrame, result:
          "only COVID-19 (Hannover), so a model scores there partly by recognising the archive. Only the two-label "
          "figure above measures the disease."),
         "",
-        "`config.json` records this machine-readably under `honest_estimate`; `oof_predictions.csv` holds every "
-        "out-of-fold prediction it was computed from (a test recomputes it).",
+        ("`config.json` records this machine-readably under `honest_estimate`; `oof_predictions.csv` holds every "
+         "out-of-fold prediction it was computed from (a test recomputes it)."),
         "",
         "## What it is",
         "",

@@ -24,4 +24,4 @@ from covidcxr.data.split import (
     split_balance,
 )
 
-__all__ = ["IMAGE_SUFFIXES", "REQUIRED_COLUMNS", "as_flags", "both_label_mask", "check_output_path", "crossval_folds", "leave_out_folds", "find_near_duplicates", "image_thumbnails", "manifest_from_folder", "patient_groups", "patient_split", "read_manifest", "select_split", "split_balance", "summarize", "validate_manifest", "write_manifest"]
+__all__ = ["IMAGE_SUFFIXES", "REQUIRED_COLUMNS", "as_flags", "both_label_mask", "check_output_path", "crossval_folds", "find_near_duplicates", "image_thumbnails", "leave_out_folds", "manifest_from_folder", "patient_groups", "patient_split", "read_manifest", "select_split", "split_balance", "summarize", "validate_manifest", "write_manifest"]
