@@ -535,6 +535,15 @@ def write_report(paths: list[Path], out_md: Path) -> None:
          "on the shared 2 cores and was stopped; `--stage partial` is ready for a GPU), ResNet18 (no offline "
          "ImageNet weights; from scratch it needs fine-tuning), a gradient-reversal source head."),
     ]
+    ft = RESULTS / "shortcut_finetune_scratch.json"
+    if ft.is_file():
+        f = json.loads(ft.read_text())
+        h = f["honest_estimate"]
+        lines += ["", "## Fine-tuned out of fold (`covidcxr crossval`)", "",
+                  (f"- {f['arch']} from scratch (pretrained {f['pretrained']}), seg mode {f['seg_mode']}, "
+                   f"{f['image_size']} px, {f['epochs']} epochs, {f['folds']} folds, seed {f['seed']}: two-label "
+                   f"out-of-fold ROC AUC {h['value']:.3f} [{h['ci'][0]:.3f}, {h['ci'][1]:.3f}], source probe "
+                   f"{f['source_probe_roc_auc']:.2f} ({f['note']}; `{f['command']}`)")]
     lines += ["", "## Earlier figures (kept for comparison; not out-of-fold)", ""]
     lines += [f"- {what}: {fig}" for what, fig in EARLIER]
     out_md.write_text("\n".join(lines) + "\n")
