@@ -100,14 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     art = load_artifact(shipped_model_dir(), "cpu")
     df = read_manifest(args.manifest)
-    val_names = set(pd.read_csv(shipped_model_dir() / "val_predictions.csv")["image"].map(lambda s: Path(s).name))
-    df["split"] = np.where(df["image"].map(lambda s: Path(s).name).isin(val_names), "val", "train")
-    pred, emb = predict_manifest(art, df, embeddings=True, num_workers=2, mask_dir=Path("runs/shipped/masks"))
-    train, val = (pred["split"] == "train").to_numpy(), (pred["split"] == "val").to_numpy()
-    ref, _ = fit_reference(emb[train], emb[val], quantile=args.quantile, k=args.k)
-    # Training rows are their own neighbours: leave each one out of its own reference.
-    d_all = ref.distances(emb)
-    d_all[train] = ref.self_distances()
+    oof_file = shipped_model_dir() / "oof_predictions.csv"
+    if oof_file.is_file():
+        # A model calibrated out of fold (tools/ship_model.py): its reference is fitted there, on every development
+        # image, with the threshold from out-of-fold distances; here each image's distance is its out-of-fold one.
+        if args.install:
+            raise SystemExit(f"{shipped_model_dir()}: the input-gate reference of a model calibrated out of fold is "
+                             "fitted by tools/ship_model.py; run it instead of --install")
+        ref = art.ood_reference
+        oof = pd.read_csv(oof_file).set_index("image")["ood_distance"]
+        df["split"] = "train"
+        pred, emb = predict_manifest(art, df, embeddings=True, num_workers=2, mask_dir=Path("runs/shipped/masks"))
+        train, val = np.ones(len(pred), bool), np.zeros(len(pred), bool)
+        d_all = pred["image"].map(lambda q: oof[Path(str(q)).name]).to_numpy(dtype=np.float64)
+    else:
+        val_names = set(pd.read_csv(shipped_model_dir() / "val_predictions.csv")["image"].map(lambda q: Path(q).name))
+        df["split"] = np.where(df["image"].map(lambda q: Path(q).name).isin(val_names), "val", "train")
+        pred, emb = predict_manifest(art, df, embeddings=True, num_workers=2, mask_dir=Path("runs/shipped/masks"))
+        train, val = (pred["split"] == "train").to_numpy(), (pred["split"] == "val").to_numpy()
+        ref, _ = fit_reference(emb[train], emb[val], quantile=args.quantile, k=args.k)
+        # Training rows are their own neighbours: leave each one out of its own reference.
+        d_all = ref.distances(emb)
+        d_all[train] = ref.self_distances()
     qc = [f.split(";") if f else [] for f in pred["qc_flags"]]
     gates = [gate(q, float(d), ref.threshold) for q, d in zip(qc, d_all, strict=True)]
     pred["refused"] = [not g.usable for g in gates]
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(0)
     others = non_cxr_images(rng)
-    rot_rows = df[df["split"] == "val"].head(20)
+    rot_rows = df[df["split"] == ("val" if val.any() else "train")].head(20)
     from covidcxr.io.image import load_image
 
     rotated = {f"rotated 90: {Path(r).name}": np.rot90(load_image(r)[0]).copy() for r in rot_rows["image"]}
@@ -145,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                     "runtime": f"onnxruntime {onnx_runtime_version()} float32"},
         "model": art.weights_hash[:12],
         "reference": {"n_train": int(train.sum()), "quantile": args.quantile, "k": args.k,
+                      "out_of_fold": not val.any(),
                       "threshold": ref.threshold, "blocking_qc_flags": list(BLOCKING_QC_FLAGS)},
-        "dev_cxr_refused": {"all": rate(np.ones(len(pred), bool)), "train (leave-one-out)": rate(train),
-                            "val": rate(val), "qc_only": rate(np.ones(len(pred), bool), "refused_qc"),
+        "dev_cxr_refused": {"all": rate(np.ones(len(pred), bool)),
+                            **({"train (leave-one-out)": rate(train), "val": rate(val)} if val.any() else {}), "qc_only": rate(np.ones(len(pred), bool), "refused_qc"),
                             "ood_only": rate(np.ones(len(pred), bool), "refused_ood"), "per_source": by_source},
         "non_cxr": {"n": len(non), "passed": sum(r["passed"] for r in non), "inputs": non},
         "rotated_cxr": {"n": len(rot), "passed": sum(r["passed"] for r in rot), "inputs": rot},
@@ -201,16 +216,19 @@ def _markdown(r: dict) -> str:
          f"{r['machine']['threads']} threads; model {r['model']}."),
         "",
         (f"Reference: {r['reference']['n_train']} training embeddings, k = {r['reference']['k']}, threshold "
-         f"{r['reference']['threshold']:.4f} = the {r['reference']['quantile']:.1%} quantile of the validation rows' "
+         f"{r['reference']['threshold']:.4f} = the {r['reference']['quantile']:.1%} quantile of the "
+         + ("out-of-fold" if r["reference"].get("out_of_fold") else "validation rows'") + " "
          f"distances; blocking QC flags: {', '.join(r['reference']['blocking_qc_flags'])}."),
         "",
         "| real development CXRs | n | refused | rate |", "|---|---:|---:|---:|",
         *[f"| {k} | {v['n']} | {v['refused']} | {v['rate']:.2%} |" for k, v in d.items() if k != "per_source"],
         *[f"| source: {k} | {v['n']} | {v['refused']} | {v['rate']:.2%} |" for k, v in d["per_source"].items()],
         "",
-        ("Training rows are scored leave-one-out (an image is not its own neighbour); validation rows set the "
-         "threshold, so their rate is the quantile by construction. No CXR from a hospital outside these collections "
-         "was available."),
+        (("Each development image is scored by its out-of-fold distance (to the training images of the fold that did "
+          "not see it), the distance the threshold was fitted on (`tools/ship_model.py`). " if r["reference"].get(
+              "out_of_fold") else "Training rows are scored leave-one-out (an image is not its own neighbour); "
+          "validation rows set the threshold, so their rate is the quantile by construction. ")
+         + "No CXR from a hospital outside these collections was available."),
         "",
         (f"Non-CXR inputs let through: **{r['non_cxr']['passed']} of {r['non_cxr']['n']}**; real CXRs rotated by 90 "
          f"degrees let through: {r['rotated_cxr']['passed']} of {r['rotated_cxr']['n']}."),
