@@ -285,8 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     df = read_manifest(args.manifest)
     lookup = {Path(str(p)).name: str(p) for p in df["image"]}
     shipped = new_src / "covidcxr" / "weights" / "covid_classifier"
-    val = pd.read_csv(shipped / "val_predictions.csv")
-    paths = [lookup[Path(str(n)).name] for n in val["image"]][: args.n]
+    # The shipped model's validation rows, or (a model calibrated out of fold) an even spread of its out-of-fold rows.
+    if (shipped / "val_predictions.csv").is_file():
+        names = pd.read_csv(shipped / "val_predictions.csv")["image"].tolist()
+    else:
+        names = pd.read_csv(shipped / "oof_predictions.csv")["image"].tolist()
+        names = names[:: max(1, len(names) // args.n)]
+    paths = [lookup[Path(str(n)).name] for n in names][: args.n]
     paths_file = tmp / "paths.json"
     paths_file.write_text(json.dumps(paths))
     one = paths[0]
