@@ -415,7 +415,7 @@ def markdown(r: dict[str, Any]) -> str:
          f" {m['platform']}), {r['date']}; 1/5/15-min load average {m['load_average_before']} before, "
          f"{m['load_average_after']} after (a shared machine: timings are upper bounds). Torch path: "
          f"`git archive {r['baseline']['ref']}`, {r['baseline']['what']}. {r['n_images']} development CXRs "
-         "(the shipped model's validation rows)."),
+         "(the shipped model's validation rows, or an even spread of its out-of-fold rows)."),
         "",
         "| what | ONNX Runtime | torch path | target | holds |",
         "|---|---:|---:|---|:---:|",
