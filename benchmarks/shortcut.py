@@ -352,6 +352,7 @@ def balance_weights(df: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
 
 def run_partial(df: pd.DataFrame, act: np.ndarray, name: str, seeds: list[int], k: int, *, epochs: int, lr: float,
                 rows: str = "all", partial: Path | None = None, results: list | None = None) -> dict:
+    from covidcxr.classification.ood import OODReference
     from covidcxr.data import crossval_folds
 
     y = (df["label"] == "covid").to_numpy().astype(int)
@@ -366,10 +367,9 @@ def run_partial(df: pd.DataFrame, act: np.ndarray, name: str, seeds: list[int], 
             te = np.flatnonzero(folds == f)
             net = train_tail(act[tr], y[tr], balance_weights(df, tr), seed=seed * 100 + f, epochs=epochs, lr=lr)
             margin[te], emb_te = tail_logits(net, act[te])
-            # Out-of-fold input-gate distance: mean cosine distance to the 5 nearest training images of this fold.
+            # Out-of-fold input-gate distance to the training images of this fold (the gate's own measure).
             _, emb_tr = tail_logits(net, act[np.flatnonzero(folds != f)])
-            sim = emb_te @ emb_tr.T
-            ood[te] = 1.0 - (-np.partition(-sim, 4, axis=1)[:, :5]).mean(axis=1)
+            ood[te] = OODReference(emb_tr, np.inf, 5).distances(emb_te)
         oof[seed] = (folds, margin, ood)
         per_seed.append(score(1 / (1 + np.exp(-margin)), df))
         log.info("partial %s seed %d: two-label %.3f overall %.3f (%.0fs)", name, seed,

@@ -71,12 +71,14 @@ def honest_figures(oof: pd.DataFrame, threshold: float) -> tuple[dict[str, Any],
 
 
 def oof_distances(emb: np.ndarray, folds: np.ndarray, k: int = 5) -> np.ndarray:
-    """Each row's mean cosine distance to its ``k`` nearest training images of the fold that held it out."""
+    """Each row's input-gate distance (:meth:`OODReference.distances`) to the training images of the fold that held
+    it out."""
+    from covidcxr.classification.ood import OODReference
+
     out = np.full(len(emb), np.nan)
     for f in np.unique(folds):
         te, tr = folds == f, folds != f
-        sim = emb[te] @ emb[tr].T
-        out[te] = 1.0 - (-np.partition(-sim, k - 1, axis=1)[:, :k]).mean(axis=1)
+        out[te] = OODReference(emb[tr], np.inf, k).distances(emb[te])
     return out
 
 
