@@ -553,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--manifest", default=str(ROOT.parent / "shared/data/cxr/manifest.csv"))
     p.add_argument("--work", default=str(ROOT / "runs/shortcut"))
-    p.add_argument("--stage", choices=["cache", "features", "heads", "all", "partial", "report", "origin", "augment"],
-                   default="all")
+    p.add_argument("--stage", choices=["cache", "features", "heads", "all", "partial", "report", "origin", "augment",
+                                       "mirror_invariant"], default="all")
     p.add_argument("--partial-grid", nargs="+", default=["8:0.0003:all"],
                    help="epochs:lr:rows entries for --stage partial")
     p.add_argument("--modes", nargs="+", default=["mask", "crop", "none"])
@@ -587,6 +587,36 @@ def main(argv: list[str] | None = None) -> int:
         x = features(images, "lite0", "mask_224", work)["final"]
         xa = features(acquisition_augment(images, 0, work, "mask_224"), "lite0", "mask_224_aug0", work)["final"]
         rows = run_origin(df, x, make_head, ["country", "location", "site"], args.seeds, args.folds, x_extra=xa)
+        Path(args.out).write_text(json.dumps({"machine": {"cpu": cpu_model(), "flags": cpu_flags()},
+                                              "recipe": "tools/ship_model.py RECIPE", "rows": rows}, indent=1))
+        return 0
+    if args.stage == "mirror_invariant":  # the shipped recipe on embeddings averaged over the image and its mirror
+        from sklearn.metrics import roc_auc_score
+
+        from covidcxr.classification.heads import oof_margins
+        from covidcxr.data import crossval_folds
+
+        sys.path.insert(0, str(ROOT / "tools"))
+        from ship_model import FOLDS, make_head
+
+        images = image_cache(df, "mask", 224, work)
+        aug = acquisition_augment(images, 0, work, "mask_224")
+        x, xa = features(images, "lite0", "mask_224", work)["final"], features(aug, "lite0", "mask_224_aug0", work)["final"]
+        xf = features(np.ascontiguousarray(images[..., ::-1]), "lite0", "mask_224_flip", work)["final"]
+        xaf = features(np.ascontiguousarray(aug[..., ::-1]), "lite0", "mask_224_aug0_flip", work)["final"]
+        y = (df["label"] == "covid").to_numpy().astype(int)
+        src = df["source"].astype(str).to_numpy()
+        both = df["source_has_both_labels"].astype(str).str.lower().eq("true").to_numpy()
+        rows = []
+        for seed in args.seeds:
+            folds = crossval_folds(df, FOLDS, group_col="split_group", seed=seed)
+            for name, (a, b) in {"shipped recipe": (x, xa),
+                                 "mirror-averaged embeddings": ((x + xf) / 2, (xa + xaf) / 2)}.items():
+                m = oof_margins(make_head, a, y, src, both, folds, x_extra=b)
+                rows.append({"variant": name, "fold_seed": seed, "auc_two_label": float(roc_auc_score(y[both], m[both])),
+                             "auc_overall": float(roc_auc_score(y, m))})
+                log.info("%s seed %d: two-label %.3f overall %.3f", name, seed, rows[-1]["auc_two_label"],
+                         rows[-1]["auc_overall"])
         Path(args.out).write_text(json.dumps({"machine": {"cpu": cpu_model(), "flags": cpu_flags()},
                                               "recipe": "tools/ship_model.py RECIPE", "rows": rows}, indent=1))
         return 0

@@ -104,8 +104,11 @@ def explanation_from(
     )
 
 
-def cam_forward(member: Any, x: Any, target_class: int = POSITIVE_CLASS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One forward pass of a classifier: logit margin, embedding and heat-map grid together (no autograd).
+def cam_forward(
+    member: Any, x: Any, target_class: int = POSITIVE_CLASS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """One forward pass of a classifier: logit margin, embedding, heat-map grid and (when the model has a mirror
+    check) mirror score together (no autograd).
 
     The head after the last feature map ``A`` is global average pooling then a linear layer (checked at export,
     ``cam_exact``), so Grad-CAM's channel weights are the head's weights divided by the map's area and Grad-CAM equals
@@ -118,7 +121,7 @@ def cam_forward(member: Any, x: Any, target_class: int = POSITIVE_CLASS) -> tupl
         target_class: Class to explain.
 
     Returns:
-        ``(margin (1,), L2-normalised embedding (1, D), grid S x S in [0, 1])``.
+        ``(margin (1,), L2-normalised embedding (1, D), grid S x S in [0, 1], mirror score (1,) or None)``.
 
     Raises:
         ConfigError: ``target_class`` is not a class of the model.
@@ -128,12 +131,14 @@ def cam_forward(member: Any, x: Any, target_class: int = POSITIVE_CLASS) -> tupl
     n_classes = int(member.config.get("num_classes", 2))
     if not 0 <= int(target_class) < n_classes:
         raise ConfigError(f"target_class={target_class}: the model has classes 0..{n_classes - 1}")
-    out = member.run_network(x, ["logits", "embedding", "class_maps"])
+    check = member.mirror_check
+    out = member.run_network(x, ["logits", "embedding", "class_maps"] + (["feature_map"] if check is not None else []))
     logits = out["logits"].astype(np.float64)
     margin = logits[:, 1] - logits[:, 0]
     size = int(np.shape(x)[-1])
     grid = cam_grid(out["class_maps"][0, int(target_class)], (size, size))
-    return margin, l2_normalise(out["embedding"]), grid
+    mirror = check.scores(out["feature_map"]) if check is not None else None
+    return margin, l2_normalise(out["embedding"]), grid, mirror
 
 
 def cam_grid(class_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -169,7 +174,7 @@ def member_heatmap(
     """
     by_key, qc = member.member_masks([image], [mask])
     used = by_key.get(member.segmenter_key) if member.segmenter_key else None
-    _, _, grid = cam_forward(member, member.preprocess_batch([image], used, qc), target_class)
+    _, _, grid, _ = cam_forward(member, member.preprocess_batch([image], used, qc), target_class)
     return to_image_geometry(grid, image, used[0] if used else None, member.seg_mode)
 
 

@@ -48,6 +48,8 @@ class Prediction:
         prob_uncalibrated: Probability before temperature scaling (single models; None for ensembles).
         masks: Lung mask per image that the model used (None entries where it uses no segmentation).
         heatmaps: Grad-CAM heat maps ``H x W`` in [0, 1] in each image's geometry (``analyze(explain=True)``).
+        mirror_scores: The mirror check's score per image (high = upright; single models with a check, when
+            embeddings are computed), see :mod:`covidcxr.classification.mirror`.
     """
 
     prob: np.ndarray
@@ -57,6 +59,7 @@ class Prediction:
     prob_uncalibrated: np.ndarray | None = None
     masks: Masks | None = None
     heatmaps: list[np.ndarray] | None = None
+    mirror_scores: np.ndarray | None = None
 
 
 def _map_threads(fn: Any, items: Sequence[Any]) -> list[Any]:
@@ -133,18 +136,36 @@ class BaseArtifact:
             self._ood = OODReference.load(self.directory, entry) if entry else None
         return self._ood
 
+    @property
+    def mirror_check(self) -> Any:
+        """The model's left-right mirror check (:class:`~covidcxr.classification.mirror.MirrorCheck`), or None.
+
+        Single models only: it reads the model's own feature map.
+        """
+        if not hasattr(self, "_mirror"):
+            from covidcxr.classification.mirror import MirrorCheck
+
+            entry = self.config.get("mirror") if len(self.members) == 1 else None
+            self._mirror = MirrorCheck.load(self.directory, entry) if entry else None
+        return self._mirror
+
     def gate(self, pred: Prediction, images: Sequence[np.ndarray] | None = None) -> list[Any]:
         """The input gate per image of a prediction (with ``images``: what each input looks like; QC flags; the
-        distance to the training cases when the model has a reference and the prediction carries embeddings); see
-        :mod:`covidcxr.classification.ood` and :mod:`covidcxr.classification.input_type`."""
+        distance to the training cases when the model has a reference and the prediction carries embeddings; whether
+        it looks mirrored when the model has a mirror check); see :mod:`covidcxr.classification.ood`,
+        :mod:`covidcxr.classification.input_type` and :mod:`covidcxr.classification.mirror`."""
         from covidcxr.classification.input_type import check_inputs
         from covidcxr.classification.ood import gate
 
         ref = self.ood_reference
         dist = ref.distances(pred.embeddings) if ref is not None and pred.embeddings is not None else None
         kinds = check_inputs(images) if images is not None else [None] * len(pred.qc_flags)
+        check = self.mirror_check
+        mirrored = (check.mirrored(pred.mirror_scores) if check is not None and pred.mirror_scores is not None
+                    else [None] * len(pred.qc_flags))
         return [gate(list(q), None if dist is None else float(dist[i]), None if ref is None else ref.threshold,
-                     kinds[i]) for i, q in enumerate(pred.qc_flags)]
+                     kinds[i], None if mirrored[i] is None else bool(mirrored[i]))
+                for i, q in enumerate(pred.qc_flags)]
 
     def labels(self, prob: np.ndarray) -> list[str]:
         """Class name per probability at the stored threshold."""
@@ -207,15 +228,16 @@ class BaseArtifact:
         """
         images = [check_gray(im, i) for i, im in enumerate(images)]
         by_key, qc = self.member_masks(images, masks)
-        margins, embs = [], []
+        margins, embs, mirror = [], [], None
         for m in self.members:
             used = by_key.get(m.segmenter_key) if m.segmenter_key else None
             x = m.preprocess_batch(images, used, qc)
-            margin, emb = m.forward_margins(x, bf16=bf16, features=embeddings, batch_size=batch_size)
+            margin, emb, mirror = m.forward(x, bf16=bf16, features=embeddings, batch_size=batch_size)
             margins.append(margin)
             embs.append(emb)
         self._last_qc = qc
-        return self._combine(margins, embs if embeddings else None, qc, by_key, None)
+        return self._combine(margins, embs if embeddings else None, qc, by_key, None,
+                             mirror if len(self.members) == 1 else None)
 
     def analyze(
         self, image: np.ndarray, mask: np.ndarray | None = None, *, explain: bool = True, target_class: int = 1
@@ -238,15 +260,15 @@ class BaseArtifact:
 
         image = check_gray(image, 0)
         by_key, qc = self.member_masks([image], [mask])
-        margins, embs, heats = [], [], []
+        margins, embs, heats, mirror = [], [], [], None
         for m in self.members:
             used = by_key.get(m.segmenter_key) if m.segmenter_key else None
             x = m.preprocess_batch([image], used, qc)
             if explain:
-                margin, emb, grid = cam_forward(m, x, target_class)
+                margin, emb, grid, mirror = cam_forward(m, x, target_class)
                 heats.append(to_image_geometry(grid, image, used[0] if used else None, m.seg_mode))
             else:
-                margin, emb = m.forward_margins(x, features=True)
+                margin, emb, mirror = m.forward(x, features=True)
             margins.append(margin)
             embs.append(emb)
         heat = None
@@ -255,10 +277,12 @@ class BaseArtifact:
             top = float(heat.max(initial=0.0))
             heat = (heat / top if top > 0 else heat).astype(np.float32)
         self._last_qc = qc
-        return self._combine(margins, embs, qc, by_key, [heat] if explain else None)
+        return self._combine(margins, embs, qc, by_key, [heat] if explain else None,
+                             mirror if len(self.members) == 1 else None)
 
     def _combine(self, margins: list[np.ndarray], embs: list[np.ndarray] | None, qc: list[list[str]],
-                 by_key: dict[str, Masks], heatmaps: list[np.ndarray] | None) -> Prediction:
+                 by_key: dict[str, Masks], heatmaps: list[np.ndarray] | None,
+                 mirror: np.ndarray | None = None) -> Prediction:
         n = len(qc)
         probs = [apply_temperature(mg, m.temperature) for mg, m in zip(margins, self.members, strict=True)]
         if len(self.members) == 1:
@@ -272,7 +296,8 @@ class BaseArtifact:
         # The mask shown with a result is the one of the first member that segments.
         shown = next(iter(by_key.values()), None)
         return Prediction(prob=prob, label=self.labels(prob), qc_flags=qc, embeddings=emb, prob_uncalibrated=raw,
-                          masks=list(shown) if shown is not None else [None] * n, heatmaps=heatmaps)
+                          masks=list(shown) if shown is not None else [None] * n, heatmaps=heatmaps,
+                          mirror_scores=mirror)
 
     def predict_proba(
         self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None = None, **kwargs: Any
@@ -433,13 +458,26 @@ class ModelArtifact(BaseArtifact):
         Returns:
             ``(logit_covid - logit_non_covid (N,), embeddings (N, D) or None)``.
         """
+        margin, emb, _ = self.forward(batch, bf16=bf16, features=features, batch_size=batch_size)
+        return margin, emb
+
+    def forward(
+        self, batch: Any, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """:meth:`forward_margins` plus, with ``features`` and a mirror check, each image's mirror score from the same
+        pass (``(margins, embeddings or None, mirror scores or None)``)."""
+        check = self.mirror_check if features else None
         if len(batch) == 0:
-            return np.zeros(0, dtype=np.float64), (np.zeros((0, self.num_features), np.float32) if features else None)
-        out = self.run_network(batch, ["logits", "embedding"] if features else ["logits"], bf16=bf16,
+            return (np.zeros(0, dtype=np.float64),
+                    np.zeros((0, self.num_features), np.float32) if features else None,
+                    np.zeros(0) if check is not None else None)
+        names = ["logits", "embedding"] if features else ["logits"]
+        out = self.run_network(batch, names + (["feature_map"] if check is not None else []), bf16=bf16,
                                batch_size=batch_size)
         logits = out["logits"].astype(np.float64)
         margin = logits[:, 1] - logits[:, 0]
-        return margin, (l2_normalise(out["embedding"]) if features else None)
+        mirror = check.scores(out["feature_map"]) if check is not None else None
+        return margin, (l2_normalise(out["embedding"]) if features else None), mirror
 
     def forward_batches(
         self, batch: Any, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32

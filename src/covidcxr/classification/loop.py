@@ -272,7 +272,7 @@ def predict_manifest(
     segmenters = {m.segmenter_key: m.segment for m in reversed(artifact.members) if m.segmenter_key is not None}
     out_lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
     failed: dict[int, str] = {}
-    gating = artifact.ood_reference is not None
+    gating = artifact.ood_reference is not None or artifact.mirror_check is not None
     rows_all = df.reset_index(drop=True)
     paths_all = rows_all["image"].astype(str).tolist()
     starts = list(range(0, len(rows_all), batch_size))

@@ -1,11 +1,12 @@
 """The input gate: no verdict on what is not a usable frontal chest X-ray.
 
-Three checks:
+Four checks:
 
 * **Input type** (:mod:`covidcxr.classification.input_type`, independent of the COVID-19 model): a lateral view, a
   CT image, a radiograph turned on its side or another picture gets no verdict, and the reason says what it looked
   like.
-
+* **Mirror images** (:mod:`covidcxr.classification.mirror`, part of the model: it reads the classifier's feature
+  map): a frontal radiograph that looks left-right mirrored gets no verdict.
 * **Lung QC.** Segmentation flags that mean there is no usable lung field (a blank image, no lung, one lung, both
   regions on one side, a mask too small to use) withhold the result.
 * **Distance to the training cases.** The mean cosine distance of an image's embedding to its ``k`` nearest
@@ -27,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from covidcxr.classification.input_type import LOOKS_LIKE
+from covidcxr.classification.mirror import MESSAGE as MIRROR_MESSAGE
+from covidcxr.classification.mirror import REASON as MIRROR_REASON
 from covidcxr.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ REASONS = {
 INPUT_TYPE_REASON = "looks_{}"
 """Gate reason for a refused input type (``looks_ct``, ``looks_lateral``, ...), its text that of the check."""
 REASONS.update({INPUT_TYPE_REASON.format(kind): text for kind, text in LOOKS_LIKE.items()})
+REASONS[MIRROR_REASON] = MIRROR_MESSAGE
 
 
 @dataclass
@@ -149,10 +153,13 @@ def fit_reference(train_embeddings: np.ndarray, val_embeddings: np.ndarray, *, q
 
 
 def gate(qc_flags: list[str], distance: float | None = None, threshold: float | None = None,
-         input_type: Any = None) -> GateResult:
-    """The input gate of one image from its QC flags, (when the model has a reference) its distance and (when
-    checked) its :class:`~covidcxr.classification.input_type.InputType`; what the input looked like comes first."""
+         input_type: Any = None, mirrored: bool | None = None) -> GateResult:
+    """The input gate of one image from its QC flags, (when the model has a reference) its distance, (when
+    checked) its :class:`~covidcxr.classification.input_type.InputType` and (when the model has a mirror check)
+    whether it looks mirrored; what the input looked like comes first."""
     reasons = [] if input_type is None or input_type.frontal else [INPUT_TYPE_REASON.format(input_type.kind)]
+    if mirrored and not reasons:
+        reasons.append(MIRROR_REASON)
     reasons += [f for f in BLOCKING_QC_FLAGS if f in qc_flags]
     if distance is not None and threshold is not None and distance > threshold:
         reasons.append("out_of_distribution")
