@@ -175,3 +175,30 @@ def test_exit_rule_is_documented() -> None:
     from covidcxr.service.jobs import batch_exit_code
 
     assert batch_exit_code(["ok", "no_result"]) == 0 and batch_exit_code(["ok", "error"]) == 1
+
+
+def test_index_evaluate_scores_the_readable_and_exits_1(model_dir: Path, synth_cohort: Path, bad_files: list[Path],
+                                                        tmp_path: Path, caplog) -> None:
+    from covidcxr.data.split import patient_split
+
+    df = patient_split(read_manifest(synth_cohort), val=0.2, test=0.3, seed=0).drop(columns=["mask"])
+    df["image"] = df["image"].astype(str)
+    rows = [df.index[df["split"] == "train"][0], df.index[df["split"] == "test"][0]]  # one bad file in each split
+    df.loc[rows, "image"] = [str(b) for b in bad_files]
+    manifest = tmp_path / "manifest.csv"
+    df.to_csv(manifest, index=False)
+    common = ["index", "evaluate", "--model", str(model_dir), "--manifest", str(manifest), "-k", "3", "--n-boot", "10",
+              "--device", "cpu", "--no-progress", "--num-workers", "1"]
+    out = tmp_path / "eval"
+    assert main([*common, "--out", str(out)]) == 1
+    result = json.loads((out / "retrieval.json").read_text())
+    assert [(b["split"], b["image"]) for b in result["unreadable"]] == [("train", str(bad_files[0])),
+                                                                         ("test", str(bad_files[1]))]
+    assert result["embedding"]["images"] == int(df["split"].isin(["train", "test"]).sum()) - 2
+    assert "2 image(s) could not be read" in caplog.text and "left out (test split)" in caplog.text
+    assert str(bad_files[0]) in (out / "retrieval.md").read_text()
+    assert main([*common, "--stop-on-bad"]) == 2
+
+    good = tmp_path / "good.csv"
+    df.drop(index=rows).to_csv(good, index=False)
+    assert main([*common[:5], str(good), *common[6:]]) == 0

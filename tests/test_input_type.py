@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 
 from covidcxr.classification.input_type import (
+    _OCTANT,
     KINDS,
     LOOKS_LIKE,
+    N_CT_FEATURES,
     InputType,
     InputTypeClassifier,
+    _percentiles,
+    _shrink,
     check_inputs,
     default_stem,
     feature_matrix,
@@ -125,6 +129,55 @@ def test_features_are_finite_for_odd_images() -> None:
         image_features(np.zeros((4, 4, 3)))
 
 
+def test_ct_second_opinion_only_takes_probability_from_frontal_to_ct(held_out: dict) -> None:
+    images, kinds = cohort(5, 12)
+    x = feature_matrix(images)
+    train_images, train_kinds = cohort(1, 40)
+    plain = InputTypeClassifier(hidden=32, max_iter=300, ct_check=False).fit(feature_matrix(train_images),
+                                                                             train_kinds, seed=0)
+    both = held_out["clf"]
+    assert len(both.ct_coef_) == N_CT_FEATURES and len(plain.ct_coef_) == 0
+    p_plain, p_both = plain.predict_proba_features(x), both.predict_proba_features(x)
+    np.testing.assert_allclose(p_both.sum(axis=1), 1.0)
+    assert (p_both[:, 0] <= p_plain[:, 0] + 1e-12).all()  # same perceptron (same seed), P(frontal) capped
+    moved = p_plain[:, 0] - p_both[:, 0]
+    np.testing.assert_allclose(p_both[:, KINDS.index("ct")] - p_plain[:, KINDS.index("ct")], moved, atol=1e-12)
+    others = [KINDS.index(k) for k in ("rotated", "lateral", "other")]
+    np.testing.assert_allclose(p_both[:, others], p_plain[:, others], atol=1e-12)
+    ct_rows = [i for i, k in enumerate(kinds) if k == "ct"]
+    assert p_both[ct_rows, 0].max() < 0.5
+
+
+def test_load_refuses_a_check_of_other_features(held_out: dict, tmp_path: Path) -> None:
+    held_out["clf"].save(tmp_path / "check")
+    meta = json.loads((tmp_path / "check.json").read_text())
+    (tmp_path / "check.json").write_text(json.dumps({**meta, "feature_version": 1}))
+    with pytest.raises(ModelError, match="features version 1.*--install"):
+        InputTypeClassifier.load(tmp_path / "check")
+
+
+@pytest.mark.parametrize("n", [2, 7, 100, 4096])
+def test_percentiles_match_numpy(n: int) -> None:
+    values = np.random.default_rng(n).random(n)
+    np.testing.assert_allclose(_percentiles(np.sort(values)), np.percentile(values, [1, 5, 25, 50, 75, 95, 99]))
+
+
+def test_gradient_octants_match_the_angle() -> None:
+    gy, gx = np.random.default_rng(0).normal(size=(2, 5000))
+    by_angle = np.minimum((np.mod(np.arctan2(gy, gx), 2 * np.pi) / (2 * np.pi) * 8).astype(int), 7)
+    assert (_OCTANT[4 * (gy < 0) + 2 * (gx < 0) + (np.abs(gy) > np.abs(gx))] == by_angle).all()
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (509, 512), (1024, 768), (2048, 1536)])
+def test_shrink_averages_areas(shape: tuple[int, int]) -> None:
+    # Left half black, right half white: the thumbnail keeps the split and the mean, whatever the size.
+    image = np.zeros(shape, np.float32)
+    image[:, shape[1] // 2:] = 1.0
+    thumb = _shrink(image)
+    assert thumb.shape == (128, 128) and thumb.dtype == np.float64
+    assert abs(thumb.mean() - 0.5) < 0.01 and (thumb[:, :60] == 0).all() and (thumb[:, 68:] == 1).all()
+
+
 # -- the shipped check -----------------------------------------------------------------------------------
 def _samples() -> list[np.ndarray]:
     from covidcxr.io.image import load_image
@@ -148,9 +201,12 @@ def test_shipped_check_refuses_turned_cxrs(turn: str) -> None:
 
 
 def test_shipped_check_refuses_pictures() -> None:
+    # Fresh pictures (not the benchmark's): the target is >= 99 % refused; measured on 1,800 of them, the shipped
+    # check (and the one before it) let one through, a flat "shapes" collage.
     rng = np.random.default_rng(11)
-    checked = check_inputs([draw_picture(rng, k) for k in PICTURE_KINDS])
-    assert not any(c.frontal for c in checked)
+    checked = check_inputs([draw_picture(rng, k) for _ in range(20) for k in PICTURE_KINDS])
+    assert len(checked) == 180 and sum(c.frontal for c in checked) <= 1
+    assert sum(c.kind == "other" for c in checked) >= 175  # and says what they looked like
 
 
 def test_shipped_check_documents_cross_validated_targets() -> None:

@@ -259,7 +259,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         (args.out / "retrieval.md").write_text(retrieval_markdown(
             result, intro=f"Model `{args.model}` ({model_hash[:12]}), manifest `{args.manifest}`."))
         console.print(f"wrote {args.out / 'retrieval.json'} and retrieval.md")
-    return 0
+    unreadable = result.get("unreadable", [])
+    for bad in unreadable:
+        log.error("left out (%s split): %s", bad["split"], bad["reason"])
+    if unreadable:
+        log.error("%d image(s) could not be read: the figures are of the other %d%s", len(unreadable),
+                  result["embedding"]["images"],
+                  f" (the files are listed in {args.out / 'retrieval.json'})" if args.out is not None else "")
+    return jobs.batch_exit_code(["error"] * len(unreadable))  # README: 1 when any input could not be read
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -148,6 +148,10 @@ def retrieval_markdown(result: dict[str, Any], title: str = "Retrieval quality",
         *["| " + " | ".join(r) + " |" for r in rows],
         "",
     ]
+    bad = result.get("unreadable", [])
+    if bad:
+        lines += [f"Left out, unreadable ({len(bad)}):", "",
+                  *[f"- {b['split']}: {b['reason']}" for b in bad], ""]
     return "\n".join(lines)
 
 
@@ -167,7 +171,8 @@ def evaluate_model_retrieval(
     """Embed a manifest's train and test splits with ``artifact`` and run :func:`evaluate_retrieval`.
 
     Returns:
-        The result dict, plus ``model`` (folder, hash) and ``embedding`` (images, seconds) facts.
+        The result dict, plus ``model`` (folder, hash), ``embedding`` (images, seconds) facts and ``unreadable``:
+        each image left out (``skip_bad``) with its ``split``, ``image`` and ``reason``.
     """
     t0 = time.perf_counter()
     e_train, r_train, e_test, r_test = embed_splits(artifact, df, batch_size=batch_size, num_workers=num_workers,
@@ -178,4 +183,7 @@ def evaluate_model_retrieval(
     n = len(r_train) + len(r_test)
     result["model"] = _model_info(artifact)
     result["embedding"] = {"images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2)}
+    result["unreadable"] = [{"split": split, "image": bad["image"], "reason": bad["reason"]}
+                            for split, rows in (("train", r_train), ("test", r_test))
+                            for bad in rows.attrs.get("unreadable", [])]
     return result
