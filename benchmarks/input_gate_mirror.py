@@ -44,6 +44,28 @@ def _rate(x: np.ndarray) -> dict[str, float | int]:
     return {"n": len(x), "k": int(x.sum()), "rate": float(x.mean()) if len(x) else float("nan")}
 
 
+def oof_refusals(oof: pd.DataFrame, cfg: dict) -> dict:
+    """Upright development images the model's learned refusals withhold out of fold: the mirror check, the
+    embedding distance, either (the input-type check is cross-validated apart in ``input_gate.md``), by label."""
+    mirror = oof["mirror_score"].to_numpy() < cfg["mirror"]["threshold"]
+    far = oof["ood_distance"].to_numpy() > cfg["ood"]["threshold"]
+    either = mirror | far
+    return {"mirror": _rate(mirror), "distance": _rate(far), "either": _rate(either),
+            "either_by_label": {str(k): _rate(either[g.index]) for k, g in oof.groupby("label")}}
+
+
+def quantile_sweep(oof: pd.DataFrame, quantiles: tuple[float, ...] = (0.001, 0.002, 0.003, 0.005, 0.01)) -> list:
+    """What other thresholds (quantiles of the out-of-fold upright scores) would have refused, out of fold."""
+    up, mi = oof["mirror_score"].to_numpy(), oof["mirror_score_mirrored"].to_numpy()
+    rows = []
+    for q in quantiles:
+        t = float(np.quantile(up, q))
+        worst = max(((up[g.index] < t).mean(), str(s)) for s, g in oof.groupby("source"))
+        rows.append({"quantile": q, "threshold": t, "upright_refused": _rate(up < t), "mirrored_refused": _rate(mi < t),
+                     "worst_source_upright_refused": {"source": worst[1], "rate": float(worst[0])}})
+    return rows
+
+
 def run_path(art, images: list[np.ndarray], batch: int = 32) -> dict[str, np.ndarray]:
     """Probability, label, mirror score and gate of every image through the product path."""
     probs, labels, scores, usable, by_mirror = [], [], [], [], []
@@ -126,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": os.environ.get("OMP_NUM_THREADS", "default")},
         "threshold": thr, "n_images": len(df),
         "out_of_fold": {"upright_refused": _rate(oof_up), "mirrored_refused": _rate(oof_mi),
-                        "by_source": oof_by_source},
+                        "by_source": oof_by_source, "model_refusals": oof_refusals(oof, art.config),
+                        "quantile_sweep": quantile_sweep(oof), "quantile": check.quantile},
         "product_path_in_sample": {
             "upright_refused_as_mirrored": _rate(up["mirror"]), "upright_refused_any_reason": _rate(~up["usable"]),
             "mirrored_refused_as_mirrored": _rate(mi["mirror"]), "mirrored_refused_any_reason": _rate(~mi["usable"]),
@@ -196,6 +219,23 @@ def markdown(r: dict) -> str:
         f"| their mirror images | {_pct(o['mirrored_refused'])} |",
         *[f"| source {s}: upright / mirrored | {_pct(v['upright_refused'])} / {_pct(v['mirrored_refused'])} |"
           for s, v in o["by_source"].items()],
+        "",
+        ("Upright development CXRs withheld out of fold by the model's two learned refusals: mirror check "
+         f"{_pct(o['model_refusals']['mirror'])}, embedding distance {_pct(o['model_refusals']['distance'])}, either "
+         f"{_pct(o['model_refusals']['either'])}; by label "
+         + ", ".join(f"{k} {_pct(v)}" for k, v in o["model_refusals"]["either_by_label"].items())
+         + ". The input-type check withholds its own share (`input_gate.md`). A withheld image gets no result, "
+         "never a wrong one; a share that differs by label means the gate withholds more of one class."),
+        "",
+        (f"Threshold choice (out of fold; shipped: the {100 * o['quantile']:g} % quantile of upright scores). "
+         "Mirrored exports are rare and real images are every study, so few real images are traded for the mirror "
+         "images caught:"),
+        "",
+        "| quantile | threshold | upright refused | worst source, upright refused | mirror images refused |",
+        "|---:|---:|---:|---|---:|",
+        *[f"| {100 * q['quantile']:g} % | {q['threshold']:.2f} | {_pct(q['upright_refused'])} | "
+          f"{q['worst_source_upright_refused']['source']}: {100 * q['worst_source_upright_refused']['rate']:.2f} % | "
+          f"{_pct(q['mirrored_refused'])} |" for q in o["quantile_sweep"]],
         "",
         "| product path (`predict` + `gate`; in-sample: the shipped check was fitted on these images) | n |",
         "|---|---:|",

@@ -12,7 +12,8 @@ patient with ``benchmarks/input_gate.py`` (model card ``weights/INPUT_TYPE_CARD.
 An image is accepted as a frontal chest X-ray when ``P(frontal) >= threshold``; otherwise the most probable other
 kind names what it looked like. Radiographs turned by 90/180/270 degrees or flipped upside down are refused, not
 turned upright (see the card); a left-right mirror image is not told apart (measured: learning it refused 5-7 % of
-real frontal CXRs in a cross-validated trial while choosing the design, see the card).
+real frontal CXRs in a cross-validated trial while choosing the design, see the card): the COVID-19 model's mirror
+check does that (:mod:`covidcxr.classification.mirror`).
 """
 
 from __future__ import annotations
