@@ -387,3 +387,20 @@ def test_mask_mode_keeps_the_exact_euclidean_dilation() -> None:
     out = apply_seg_mode(image, lung.astype(np.uint8), "mask", dilate=0.05)
     expected = ndi.distance_transform_edt(~lung) <= 0.05 * 180
     np.testing.assert_array_equal(out > 0, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_disc_dilation_equals_the_thresholded_distance_transform(seed: int) -> None:
+    """The mask mode's dilation keeps exactly the pixels within the radius by OpenCV's exact distance transform."""
+    import cv2
+
+    from covidcxr.transforms.lung import dilate_disc
+
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        h, w = rng.integers(5, 90, 2)
+        mask = rng.random((h, w)) < rng.choice([0.002, 0.02, 0.3, 0.9])
+        radius = float(rng.choice([0.03 * max(h, w), rng.uniform(0.2, 25.0), 1.0, np.sqrt(2), 7.0]))
+        expected = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius
+        got = dilate_disc(mask, radius)
+        assert got.dtype == bool and np.array_equal(got, expected if mask.any() else np.zeros_like(mask))
