@@ -143,5 +143,20 @@ def test_pipelined_closed_early_stops_its_threads() -> None:
     assert next(gen) == 1
     gen.close()
     assert threading.active_count() <= before
-    with pytest.raises(ConfigError, match="depth=0"):
-        list(pipelined([1], [lambda x: x], depth=0))
+    with pytest.raises(ConfigError, match="in_flight=0"):
+        list(pipelined([1], [lambda x: x], in_flight=0))
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 4])
+def test_pipelined_bounds_the_items_alive(in_flight: int) -> None:
+    started, consumed, worst = [0], [0], [0]
+
+    def first(x: int) -> int:
+        started[0] += 1
+        worst[0] = max(worst[0], started[0] - consumed[0])
+        return x
+
+    for _ in pipelined(range(30), [first, lambda x: x, lambda x: x], in_flight=in_flight):
+        time.sleep(0.002)
+        consumed[0] += 1
+    assert started[0] == 30 and worst[0] <= in_flight

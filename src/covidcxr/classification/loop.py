@@ -9,6 +9,7 @@ the same chunks in the same order as the serial loop (``pipeline=False``), so th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -281,19 +282,23 @@ class _Stages:
             _fill_masks(chunk.rows, chunk.masks[key], chunk.qc[key], todo, [np.asarray(r.mask) for r in results],
                         [list(r.qc_flags) for r in results], self.caches[key])
         chunk.probs = {}
-        chunk.prepared = self.artifact.prepare(chunk.images, chunk.masks)
+        prepared = self.artifact.prepare(chunk.images, chunk.masks)
         from covidcxr.classification.input_type import check_inputs
 
-        chunk.input_types = check_inputs(chunk.prepared.images)
+        chunk.input_types = check_inputs(prepared.images)
+        # Past here only the networks' inputs count: the full-size images and masks are freed before the chunk
+        # waits for the classifier (large DICOMs).
+        chunk.prepared = dataclasses.replace(prepared, images=[], masks={})
+        chunk.images, chunk.masks = [], {}
         return chunk
 
     def classify(self, chunk: _Chunk, out_lists: tuple[list[Any], ...]) -> None:
         """The classifier networks and the input gate; results appended to ``out_lists``."""
         probs, raws, embs, qcs, kept, problems, gates = out_lists
         problems += chunk.bad
-        if not chunk.images:
+        if chunk.prepared is None:  # no readable image in the chunk
             return
-        qc: list[list[str]] = [[] for _ in chunk.images]
+        qc: list[list[str]] = [[] for _ in chunk.ok]
         for key in self.caches:
             qc = [sorted(set(a) | set(b)) for a, b in zip(qc, chunk.qc[key], strict=True)]
         out = self.artifact.predict_prepared(chunk.prepared, embeddings=self.embeddings or self.gating, bf16=self.bf16)
@@ -301,7 +306,7 @@ class _Stages:
         raws.append(out.prob_uncalibrated)
         out.qc_flags = [sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True)]
         qcs.extend(out.qc_flags)
-        gates.extend(self.artifact.gate(out, chunk.prepared.images, input_types=chunk.input_types))
+        gates.extend(self.artifact.gate(out, input_types=chunk.input_types))
         kept.extend(chunk.start + i for i in chunk.ok)
         if self.embeddings:
             embs.append(out.embeddings)
@@ -317,25 +322,29 @@ class _Failed:
 _DONE = object()
 
 
-def pipelined(items: Iterable[Any], stages: Sequence[Callable[[Any], Any]], *, depth: int = 1) -> Iterator[Any]:
+def pipelined(items: Iterable[Any], stages: Sequence[Callable[[Any], Any]], *,
+              in_flight: int | None = None) -> Iterator[Any]:
     """Yield ``stages[-1](...stages[0](item))`` for each item, in order, each stage running in its own thread.
 
-    At most ``depth`` finished items wait between two stages, so memory stays bounded. An exception in a stage
-    is raised to the caller when the item it failed on comes up (items before it are yielded first, later ones are
-    not processed any further); closing the generator early stops the threads.
+    At most ``in_flight`` items are between the start of the first stage and the caller's next request (default:
+    one per stage plus the one the caller holds), so memory stays bounded by that many items. An exception in a
+    stage is raised to the caller when the item it failed on comes up (items before it are yielded first, later ones
+    are not processed any further); closing the generator early stops the threads.
 
     Args:
         items: Inputs of the first stage.
         stages: Functions, each taking the previous one's result.
-        depth: Queue length between stages (>= 1).
+        in_flight: Items alive at once (>= 1).
 
     Yields:
         The last stage's result per item.
     """
-    if depth < 1:
-        raise ConfigError(f"depth={depth}: must be at least 1")
+    in_flight = len(stages) + 1 if in_flight is None else in_flight
+    if in_flight < 1:
+        raise ConfigError(f"in_flight={in_flight}: must be at least 1")
     stop = threading.Event()
-    queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=depth) for _ in range(len(stages) + 1)]
+    slots = threading.Semaphore(in_flight)
+    queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=1) for _ in range(len(stages) + 1)]
 
     def put(q: queue.Queue[Any], item: Any) -> bool:
         while not stop.is_set():
@@ -348,6 +357,9 @@ def pipelined(items: Iterable[Any], stages: Sequence[Callable[[Any], Any]], *, d
 
     def feed() -> None:
         for item in items:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
             if not put(queues[0], item):
                 return
         put(queues[0], _DONE)
@@ -379,6 +391,7 @@ def pipelined(items: Iterable[Any], stages: Sequence[Callable[[Any], Any]], *, d
             if isinstance(item, _Failed):
                 raise item.exc
             yield item
+            slots.release()  # the caller is done with it
     finally:
         stop.set()
         for t in threads:
