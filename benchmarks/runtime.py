@@ -25,6 +25,10 @@ measures, on ``--n`` real development CXRs (the shipped model's validation rows,
 
 Results: ``benchmarks/results/runtime.json`` and ``runtime.md``, with the machine (CPU model, SIMD flags, cores) and
 the load average before and after (the machine may be shared).
+
+``--part in-process`` runs only the in-process comparison (the loop, the same loop with ``pipeline=False``, and the
+bare networks, interleaved ``--in-process-repeats`` times) and writes ``results/runtime_in_process.json`` / ``.md``;
+``--src DIR`` measures another source tree (e.g. the main checkout's ``src``) with the same script.
 """
 
 from __future__ import annotations
