@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_flags, cpu_model  # benchmarks/_machine.py
-from predict_throughput import sample  # the same per-source sample as the predict benchmark
+from _sample import sample  # the same per-source sample as the other real-data benchmarks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

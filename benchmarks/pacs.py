@@ -54,7 +54,7 @@ def make_images(folder: Path, n: int, size: int, seed: int) -> list[Path]:
 
 def real_images(folder: Path, manifest: Path, n: int, seed: int) -> list[Path]:
     """``n`` real CXRs of the manifest (per-source sample), each written as a DX DICOM of its own study (8-bit)."""
-    from predict_throughput import sample
+    from _sample import sample
 
     from covidcxr.io.dicom import write_dicom
     from covidcxr.io.image import load_image

@@ -364,3 +364,18 @@ def test_dicom_huge_header_refused_before_decoding(tmp_path, gray):
 def test_write_dicom_rejects_bad_settings(tmp_path, gray, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         write_dicom(tmp_path / "x.dcm", gray, **kwargs)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0], ids=["in_range", "min_max_scaled"])
+def test_float_tiff_nan_becomes_zero(tmp_path: Path, gray: np.ndarray, scale: float) -> None:
+    """NaN pixels read as 0 and the result stays in [0, 1], whether the decoder's array is reused or copied."""
+    data = gray * np.float32(scale)
+    data[3, 5] = np.nan
+    path = tmp_path / "f.tif"
+    Image.fromarray(data, mode="F").save(path)
+    image, meta = load_image(path)
+    check_contract(image, meta, gray.shape, "tiff")
+    assert image[3, 5] == 0.0 and np.isfinite(image).all()
+    if scale == 1.0:
+        keep = np.isfinite(data)
+        np.testing.assert_array_equal(image[keep], data[keep])

@@ -151,7 +151,7 @@ def test_components_and_hole_filling_match_scipy(seed: int) -> None:
     # Post-processing uses OpenCV (no SciPy import at start-up); it must label and fill exactly as SciPy did.
     from scipy import ndimage as ndi
 
-    from covidcxr.segmentation.segmenter import _fill_holes, _label
+    from covidcxr.segmentation.segmenter import _component_stats, _fill_holes, _label
 
     rng = np.random.default_rng(seed)
     for _ in range(40):
@@ -159,6 +159,9 @@ def test_components_and_hole_filling_match_scipy(seed: int) -> None:
         labels, n = ndi.label(mask)
         got, m = _label(mask)
         assert m == n and np.array_equal(got, labels)
+        sizes, centroid_x = _component_stats(mask)  # QC's sizes and centroids, bit for bit as numpy computes them
+        assert sizes.dtype == np.int64 and np.array_equal(sizes, np.bincount(labels.ravel())[1:])
+        assert centroid_x.tobytes() == np.array([np.nonzero(labels == i)[1].mean() for i in range(1, n + 1)]).tobytes()
         np.testing.assert_array_equal(_fill_holes(mask), ndi.binary_fill_holes(mask))
 
 
@@ -387,3 +390,20 @@ def test_mask_mode_keeps_the_exact_euclidean_dilation() -> None:
     out = apply_seg_mode(image, lung.astype(np.uint8), "mask", dilate=0.05)
     expected = ndi.distance_transform_edt(~lung) <= 0.05 * 180
     np.testing.assert_array_equal(out > 0, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_disc_dilation_equals_the_thresholded_distance_transform(seed: int) -> None:
+    """The mask mode's dilation keeps exactly the pixels within the radius by OpenCV's exact distance transform."""
+    import cv2
+
+    from covidcxr.transforms.lung import dilate_disc
+
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        h, w = rng.integers(5, 90, 2)
+        mask = rng.random((h, w)) < rng.choice([0.002, 0.02, 0.3, 0.9])
+        radius = float(rng.choice([0.03 * max(h, w), rng.uniform(0.2, 25.0), 1.0, np.sqrt(2), 7.0]))
+        expected = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius
+        got = dilate_disc(mask, radius)
+        assert got.dtype == bool and np.array_equal(got, expected if mask.any() else np.zeros_like(mask))

@@ -62,6 +62,24 @@ class Prediction:
     mirror_scores: np.ndarray | None = None
 
 
+@dataclass
+class Prepared:
+    """A batch ready for the classifier networks (:meth:`BaseArtifact.prepare`), so that preparing one batch and
+    running the networks on another can overlap (the manifest loop's pipeline).
+
+    Attributes:
+        images: The checked float32 images.
+        masks: Lung masks per segmenter SHA-256 (:meth:`BaseArtifact.member_masks`).
+        qc_flags: QC flags per image (``seg_fallback`` added by preprocessing).
+        inputs: Each member's preprocessed input ``(N, 1, S, S)``.
+    """
+
+    images: list[np.ndarray]
+    masks: dict[str, Masks]
+    qc_flags: list[list[str]]
+    inputs: list[np.ndarray]
+
+
 def _map_threads(fn: Any, items: Sequence[Any]) -> list[Any]:
     from covidcxr.device import available_cpus
 
@@ -149,17 +167,27 @@ class BaseArtifact:
             self._mirror = MirrorCheck.load(self.directory, entry) if entry else None
         return self._mirror
 
-    def gate(self, pred: Prediction, images: Sequence[np.ndarray] | None = None) -> list[Any]:
+    def gate(self, pred: Prediction, images: Sequence[np.ndarray] | None = None, *,
+             input_types: Sequence[Any] | None = None) -> list[Any]:
         """The input gate per image of a prediction (with ``images``: what each input looks like; QC flags; the
         distance to the training cases when the model has a reference and the prediction carries embeddings; whether
         it looks mirrored when the model has a mirror check); see :mod:`covidcxr.classification.ood`,
-        :mod:`covidcxr.classification.input_type` and :mod:`covidcxr.classification.mirror`."""
+        :mod:`covidcxr.classification.input_type` and :mod:`covidcxr.classification.mirror`.
+
+        ``input_types`` (from :func:`~covidcxr.classification.input_type.check_inputs` of the same images, computed
+        earlier, e.g. while a network ran) replaces checking ``images`` here.
+        """
         from covidcxr.classification.input_type import check_inputs
         from covidcxr.classification.ood import gate
 
         ref = self.ood_reference
         dist = ref.distances(pred.embeddings) if ref is not None and pred.embeddings is not None else None
-        kinds = check_inputs(images) if images is not None else [None] * len(pred.qc_flags)
+        if input_types is not None:
+            if len(input_types) != len(pred.qc_flags):
+                raise ConfigError(f"{len(input_types)} input types for {len(pred.qc_flags)} images")
+            kinds = list(input_types)
+        else:
+            kinds = check_inputs(images) if images is not None else [None] * len(pred.qc_flags)
         check = self.mirror_check
         mirrored = (check.mirrored(pred.mirror_scores) if check is not None and pred.mirror_scores is not None
                     else [None] * len(pred.qc_flags))
@@ -226,17 +254,40 @@ class BaseArtifact:
         Returns:
             A :class:`Prediction`.
         """
+        return self.predict_prepared(self.prepare(images, masks), embeddings=embeddings, bf16=bf16,
+                                     batch_size=batch_size)
+
+    def prepare(self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | dict[str, Masks] | None = None
+                ) -> Prepared:
+        """Everything :meth:`predict` does before the classifier networks: masks (segmenting where not given), QC
+        flags and each member's preprocessed input.
+
+        Args:
+            images: float32 ``H x W`` arrays in [0, 1].
+            masks: As :meth:`member_masks`.
+
+        Returns:
+            A :class:`Prepared` batch for :meth:`predict_prepared`.
+        """
         images = [check_gray(im, i) for i, im in enumerate(images)]
         by_key, qc = self.member_masks(images, masks)
+        inputs = [m.preprocess_batch(images, by_key.get(m.segmenter_key) if m.segmenter_key else None, qc)
+                  for m in self.members]
+        return Prepared(images, by_key, qc, inputs)
+
+    def predict_prepared(self, prepared: Prepared, *, embeddings: bool = False, bf16: bool | None = None,
+                         batch_size: int = 32) -> Prediction:
+        """The classifier networks on a :meth:`prepare`-d batch (arguments as :meth:`predict`)."""
+        if len(prepared.inputs) != len(self.members):
+            raise ConfigError(f"a batch prepared for {len(prepared.inputs)} networks, this model has "
+                              f"{len(self.members)}")
         margins, embs, mirror = [], [], None
-        for m in self.members:
-            used = by_key.get(m.segmenter_key) if m.segmenter_key else None
-            x = m.preprocess_batch(images, used, qc)
+        for m, x in zip(self.members, prepared.inputs, strict=True):
             margin, emb, mirror = m.forward(x, bf16=bf16, features=embeddings, batch_size=batch_size)
             margins.append(margin)
             embs.append(emb)
-        self._last_qc = qc
-        return self._combine(margins, embs if embeddings else None, qc, by_key, None,
+        self._last_qc = prepared.qc_flags
+        return self._combine(margins, embs if embeddings else None, prepared.qc_flags, prepared.masks, None,
                              mirror if len(self.members) == 1 else None)
 
     def analyze(

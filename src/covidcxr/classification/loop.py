@@ -1,13 +1,24 @@
-"""The one loop that runs a model over a manifest: decode in threads, masks from the manifest/cache/segmenter."""
+"""The one loop that runs a model over a manifest: decode in threads, masks from the manifest/cache/segmenter.
+
+The loop is a bounded pipeline over chunks of rows (:func:`predict_manifest`): one thread decodes chunk ``k+2`` and
+resizes it for the U-Net, one runs the U-Net on chunk ``k+1`` and one post-processes its masks, preprocesses it for
+the classifier and checks what each input looks like, while the calling thread runs the classifier and the input
+gate on chunk ``k``. ONNX Runtime, OpenCV, Pillow and numpy release the GIL, so the stages overlap; each stage sees
+the same chunks in the same order as the serial loop (``pipeline=False``), so the results are identical.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +122,16 @@ def load_masks_for_rows(
     Returns:
         ``(masks, qc_flags)`` per row.
     """
+    masks, qc, todo = _known_masks(rows, cache)
+    if todo:
+        pred, flags = segment([images[i] for i in todo])
+        _fill_masks(rows, masks, qc, todo, pred, flags, cache)
+    return masks, qc  # type: ignore[return-value]
+
+
+def _known_masks(rows: pd.DataFrame, cache: MaskCache | None
+                 ) -> tuple[list[np.ndarray | None], list[list[str]], list[int]]:
+    """Masks from the ``mask`` column or the cache; ``(masks, qc_flags, rows still to segment)``."""
     n = len(rows)
     masks: list[np.ndarray | None] = [None] * n
     qc: list[list[str]] = [[] for _ in range(n)]
@@ -126,13 +147,17 @@ def load_masks_for_rows(
             masks[i], qc[i] = hit
         else:
             todo.append(i)
-    if todo:
-        pred, flags = segment([images[i] for i in todo])
-        for i, m, f in zip(todo, pred, flags):
-            masks[i], qc[i] = np.asarray(m), list(f)
-        if cache is not None:
-            cache.put_many([(paths[i], masks[i], qc[i]) for i in todo])
-    return masks, qc  # type: ignore[return-value]
+    return masks, qc, todo
+
+
+def _fill_masks(rows: pd.DataFrame, masks: list[np.ndarray | None], qc: list[list[str]], todo: Sequence[int],
+                pred: Sequence[np.ndarray], flags: Sequence[Sequence[str]], cache: MaskCache | None) -> None:
+    """Put segmented masks (rows ``todo``) into ``masks``/``qc`` and the cache."""
+    paths = rows["image"].astype(str).tolist()
+    for i, m, f in zip(todo, pred, flags, strict=True):
+        masks[i], qc[i] = np.asarray(m), list(f)
+    if cache is not None and todo:
+        cache.put_many([(paths[i], masks[i], qc[i]) for i in todo])
 
 
 def decode_images(paths: Sequence[str], num_workers: int) -> list[np.ndarray]:
@@ -189,30 +214,188 @@ ON_ERROR = ("raise", "skip", "report")
 """What the manifest loop does with an unreadable image: stop, drop its row, or keep it as a ``status`` ``error`` row."""
 
 
-def _predict_chunk(artifact: Artifact, rows: pd.DataFrame, start: int, images: list[np.ndarray], ok: list[int],
-                   bad: list[str], caches: dict[str, Any], segmenters: dict[str, Any], embeddings: bool, gating: bool,
-                   bf16: bool | None, out_lists: tuple[list[Any], ...]) -> None:
-    """Masks, prediction and gate of one decoded chunk, appended to ``out_lists``."""
-    probs, raws, embs, qcs, kept, problems, gates = out_lists
-    problems += bad
-    if not images:
-        return
-    rows = rows.iloc[ok]
-    masks_by_key: dict[str, list[np.ndarray]] = {}
-    qc: list[list[str]] = [[] for _ in images]
-    for key, cache in caches.items():
-        got, flags = load_masks_for_rows(rows, images, segmenters[key], cache)
-        masks_by_key[key] = got
-        qc = [sorted(set(a) | set(b)) for a, b in zip(qc, flags, strict=True)]
-    out = artifact.predict(images, masks_by_key, embeddings=embeddings or gating, bf16=bf16)
-    probs.append(out.prob)
-    raws.append(out.prob_uncalibrated)
-    out.qc_flags = [sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True)]
-    qcs.extend(out.qc_flags)
-    gates.extend(artifact.gate(out, images))
-    kept.extend(start + i for i in ok)
-    if embeddings:
-        embs.append(out.embeddings)
+@dataclass
+class _Chunk:
+    """One chunk of manifest rows on its way through the pipeline (filled stage by stage)."""
+
+    start: int
+    n_rows: int
+    images: list[np.ndarray] = field(default_factory=list)
+    ok: list[int] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
+    rows: pd.DataFrame | None = None
+    masks: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
+    qc: dict[str, list[list[str]]] = field(default_factory=dict)
+    todo: dict[str, list[int]] = field(default_factory=dict)
+    unet_input: dict[str, np.ndarray] = field(default_factory=dict)
+    probs: dict[str, np.ndarray] = field(default_factory=dict)
+    prepared: Any = None
+    input_types: list[Any] | None = None
+
+
+class _Stages:
+    """The manifest loop's steps for one chunk, in order: :meth:`decode`, :meth:`unet`, :meth:`prepare` and
+    :meth:`classify` (the serial loop calls them one after the other; the pipeline runs each in its own thread)."""
+
+    def __init__(self, artifact: Artifact, rows_all: pd.DataFrame, *, num_workers: int, on_error: str,
+                 mask_dir: str | Path | None, embeddings: bool, gating: bool, bf16: bool | None) -> None:
+        self.artifact = artifact
+        self.rows_all = rows_all
+        self.paths = rows_all["image"].astype(str).tolist()
+        self.num_workers = num_workers
+        self.on_error = on_error
+        self.embeddings = embeddings
+        self.gating = gating
+        self.bf16 = bf16
+        self.caches = {key: MaskCache(mask_dir, key) for key in sorted(artifact.segmenter_keys)}
+        # The first member with a given segmenter segments for all of them (as BaseArtifact.member_masks).
+        self.segmenters = {m.segmenter_key: m for m in reversed(artifact.members) if m.segmenter_key is not None}
+
+    def decode(self, chunk: _Chunk) -> _Chunk:
+        """Decode the chunk's images, look up given or cached masks, resize the rest for the U-Net."""
+        paths = self.paths[chunk.start : chunk.start + chunk.n_rows]
+        chunk.images, chunk.ok, chunk.bad = _decode_rows(paths, self.num_workers, self.on_error, chunk.start)
+        if not chunk.images:
+            return chunk
+        chunk.rows = self.rows_all.iloc[chunk.start : chunk.start + chunk.n_rows].iloc[chunk.ok]
+        for key, cache in self.caches.items():
+            chunk.masks[key], chunk.qc[key], chunk.todo[key] = _known_masks(chunk.rows, cache)
+            if chunk.todo[key]:
+                seg = self.segmenters[key].segmenter
+                chunk.unet_input[key] = seg.network_input([chunk.images[i] for i in chunk.todo[key]])
+        return chunk
+
+    def unet(self, chunk: _Chunk) -> _Chunk:
+        """The U-Net's forward pass on the images without a mask."""
+        for key, x in chunk.unet_input.items():
+            chunk.probs[key] = self.segmenters[key].segmenter.forward(x)
+        chunk.unet_input = {}
+        return chunk
+
+    def prepare(self, chunk: _Chunk) -> _Chunk:
+        """Mask post-processing and QC, the classifiers' inputs and what each image looks like."""
+        if not chunk.images:
+            return chunk
+        for key, probs in chunk.probs.items():
+            todo = chunk.todo[key]
+            results = self.segmenters[key].segmenter.postprocess_batch([chunk.images[i] for i in todo], probs)
+            _fill_masks(chunk.rows, chunk.masks[key], chunk.qc[key], todo, [np.asarray(r.mask) for r in results],
+                        [list(r.qc_flags) for r in results], self.caches[key])
+        chunk.probs = {}
+        prepared = self.artifact.prepare(chunk.images, chunk.masks)
+        from covidcxr.classification.input_type import check_inputs
+
+        chunk.input_types = check_inputs(prepared.images)
+        # Past here only the networks' inputs count: the full-size images and masks are freed before the chunk
+        # waits for the classifier (large DICOMs).
+        chunk.prepared = dataclasses.replace(prepared, images=[], masks={})
+        chunk.images, chunk.masks = [], {}
+        return chunk
+
+    def classify(self, chunk: _Chunk, out_lists: tuple[list[Any], ...]) -> None:
+        """The classifier networks and the input gate; results appended to ``out_lists``."""
+        probs, raws, embs, qcs, kept, problems, gates = out_lists
+        problems += chunk.bad
+        if chunk.prepared is None:  # no readable image in the chunk
+            return
+        qc: list[list[str]] = [[] for _ in chunk.ok]
+        for key in self.caches:
+            qc = [sorted(set(a) | set(b)) for a, b in zip(qc, chunk.qc[key], strict=True)]
+        out = self.artifact.predict_prepared(chunk.prepared, embeddings=self.embeddings or self.gating, bf16=self.bf16)
+        probs.append(out.prob)
+        raws.append(out.prob_uncalibrated)
+        out.qc_flags = [sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True)]
+        qcs.extend(out.qc_flags)
+        gates.extend(self.artifact.gate(out, input_types=chunk.input_types))
+        kept.extend(chunk.start + i for i in chunk.ok)
+        if self.embeddings:
+            embs.append(out.embeddings)
+
+
+class _Failed:
+    """An exception raised by a pipeline stage, passed on in order instead of the item it failed on."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def pipelined(items: Iterable[Any], stages: Sequence[Callable[[Any], Any]], *,
+              in_flight: int | None = None) -> Iterator[Any]:
+    """Yield ``stages[-1](...stages[0](item))`` for each item, in order, each stage running in its own thread.
+
+    At most ``in_flight`` items are between the start of the first stage and the caller's next request (default:
+    one per stage plus the one the caller holds), so memory stays bounded by that many items. An exception in a
+    stage is raised to the caller when the item it failed on comes up (items before it are yielded first, later ones
+    are not processed any further); closing the generator early stops the threads.
+
+    Args:
+        items: Inputs of the first stage.
+        stages: Functions, each taking the previous one's result.
+        in_flight: Items alive at once (>= 1).
+
+    Yields:
+        The last stage's result per item.
+    """
+    in_flight = len(stages) + 1 if in_flight is None else in_flight
+    if in_flight < 1:
+        raise ConfigError(f"in_flight={in_flight}: must be at least 1")
+    stop = threading.Event()
+    slots = threading.Semaphore(in_flight)
+    queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=1) for _ in range(len(stages) + 1)]
+
+    def put(q: queue.Queue[Any], item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def feed() -> None:
+        for item in items:
+            while not slots.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            if not put(queues[0], item):
+                return
+        put(queues[0], _DONE)
+
+    def work(fn: Callable[[Any], Any], inbox: queue.Queue[Any], outbox: queue.Queue[Any]) -> None:
+        while not stop.is_set():
+            try:
+                item = inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is not _DONE and not isinstance(item, _Failed):
+                try:
+                    item = fn(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there in order
+                    item = _Failed(exc)
+            if not put(outbox, item) or item is _DONE or isinstance(item, _Failed):
+                return
+
+    threads = [threading.Thread(target=feed, name="covidcxr-pipeline-feed", daemon=True)]
+    threads += [threading.Thread(target=work, args=(fn, queues[i], queues[i + 1]), daemon=True,
+                                 name=f"covidcxr-pipeline-{getattr(fn, '__name__', i)}") for i, fn in enumerate(stages)]
+    for t in threads:
+        t.start()
+    try:
+        while True:
+            item = queues[-1].get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+            slots.release()  # the caller is done with it
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def predict_manifest(
@@ -227,12 +410,14 @@ def predict_manifest(
     skip_bad: bool = False,
     bf16: bool | None = None,
     on_error: str | None = None,
+    pipeline: bool = True,
 ) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Predict (and embed) every row of a manifest table: the one loop behind predict, evaluate, embed and index.
 
-    Images are decoded in threads chunk by chunk, the next chunk while the networks run on this one; lung masks
-    come from the ``mask`` column, else the mask cache, else the artifact's segmenter (batched, then cached); the
-    artifact preprocesses exactly as in training.
+    Chunks of ``batch_size`` rows go through a bounded pipeline (see the module docstring): decoding and mask
+    post-processing of one chunk overlap the networks on the next and previous ones. Lung masks come from the
+    ``mask`` column, else the mask cache, else the artifact's segmenter (batched, then cached); the artifact
+    preprocesses exactly as in training.
 
     Args:
         artifact: Loaded classifier or ensemble artifact.
@@ -248,6 +433,7 @@ def predict_manifest(
         on_error: One of :data:`ON_ERROR` (default ``skip`` with ``skip_bad``, else ``raise``). ``report`` keeps
             every row: an unreadable image gets ``status`` ``error``, its reason in ``no_result_reason`` and no
             probability (its embedding row, with ``embeddings``, is left out: use ``skip`` there).
+        pipeline: Overlap the stages in threads (default); False runs them one after the other (same results).
 
     Returns:
         ``(rows + prob, [prob_uncalibrated,] pred_label, qc_flags, status (``ok`` / ``no_result`` from the input
@@ -268,30 +454,28 @@ def predict_manifest(
     on_error = on_error or ("skip" if skip_bad else "raise")
     if on_error not in ON_ERROR:
         raise ConfigError(f"on_error={on_error!r}: expected one of {ON_ERROR}")
-    caches = {key: MaskCache(mask_dir, key) for key in sorted(artifact.segmenter_keys)}
-    segmenters = {m.segmenter_key: m.segment for m in reversed(artifact.members) if m.segmenter_key is not None}
     out_lists: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
     failed: dict[int, str] = {}
     gating = artifact.ood_reference is not None or artifact.mirror_check is not None
     rows_all = df.reset_index(drop=True)
-    paths_all = rows_all["image"].astype(str).tolist()
-    starts = list(range(0, len(rows_all), batch_size))
-    # Decoding the next chunk overlaps the networks on this one (ONNX Runtime, OpenCV and Pillow release the GIL).
-    prefetch = ThreadPoolExecutor(1, thread_name_prefix="covidcxr-decode")
+    steps = _Stages(artifact, rows_all, num_workers=num_workers, on_error=on_error, mask_dir=mask_dir,
+                    embeddings=embeddings, gating=gating, bf16=bf16)
+    chunks = [_Chunk(start, len(rows_all.iloc[start : start + batch_size]))
+              for start in range(0, len(rows_all), batch_size)]
+    front = (steps.decode, steps.unet, steps.prepare)
+    if pipeline and len(chunks) > 1:
+        done: Iterator[_Chunk] = pipelined(chunks, front)
+    else:
+        done = (steps.prepare(steps.unet(steps.decode(c))) for c in chunks)
     try:
-        pending = prefetch.submit(_decode_rows, paths_all[:batch_size], num_workers, on_error, 0) if starts else None
-        for k, start in enumerate(tqdm(starts, desc="predict", unit="batch", disable=not progress)):
-            images, ok, bad = pending.result()
-            if k + 1 < len(starts):
-                nxt = starts[k + 1]
-                pending = prefetch.submit(_decode_rows, paths_all[nxt : nxt + batch_size], num_workers, on_error,
-                                          nxt)
-            n_rows = len(paths_all[start : start + batch_size])
-            failed.update((start + i, why) for i, why in zip(sorted(set(range(n_rows)) - set(ok)), bad, strict=True))
-            _predict_chunk(artifact, rows_all.iloc[start : start + batch_size], start, images, ok, bad, caches,
-                           segmenters, embeddings, gating, bf16, out_lists)
+        for chunk in tqdm(done, total=len(chunks), desc="predict", unit="batch", disable=not progress):
+            failed.update((chunk.start + i, why) for i, why in
+                          zip(sorted(set(range(chunk.n_rows)) - set(chunk.ok)), chunk.bad, strict=True))
+            steps.classify(chunk, out_lists)
     finally:
-        prefetch.shutdown(wait=True, cancel_futures=True)
+        close = getattr(done, "close", None)
+        if close is not None:
+            close()
     probs, raws, embs, qcs, kept, problems, gates = out_lists
     if problems:
         if not kept and on_error == "skip":

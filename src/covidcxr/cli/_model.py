@@ -1,4 +1,5 @@
-"""Defaults shared by the commands that run a classifier: the model that ships with the package, decoding threads."""
+"""Defaults shared by the commands that run a classifier: the model that ships with the package, decoding threads,
+what ``--device`` means for inference."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import sys
 from pathlib import Path
 
 MODEL_HELP = "model (or ensemble) artifact folder (default: the shipped classifier, see its MODEL_CARD.md)"
+DEVICE_HELP = ("kept for old scripts: inference runs on the CPU with ONNX Runtime in float32, the same answer on every "
+               "machine (a GPU is not used; anything but auto/cpu only logs a warning)")
 
 
 def model_dir(path: Path | None) -> Path:

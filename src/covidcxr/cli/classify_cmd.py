@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli._model import MODEL_HELP, decode_threads, model_dir
+from covidcxr.cli._model import DEVICE_HELP, MODEL_HELP, decode_threads, model_dir
 from covidcxr.errors import ConfigError
 from covidcxr.vocab import INTENSITY_MODES, SEG_MODES
 
@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("images", nargs="+", type=Path, help="PNG/JPEG/TIFF/DICOM files")
     p.add_argument("--model", type=Path, default=None, help=MODEL_HELP)
     p.add_argument("--out", type=Path, default=None, help="also write predictions to .csv or .json")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
                    help="for DICOM inputs, also write the result SR and heat-map Secondary Capture (as `pacs run` "
@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--manifest", type=Path, required=True)
     p.add_argument("--split", default="test", help="rows of this split (default test; 'all' = every row)")
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json, plots and reports")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default: one per CPU)")
     p.add_argument("--n-boot", type=int, default=1000)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli._model import MODEL_HELP, decode_threads, model_dir
+from covidcxr.cli._model import DEVICE_HELP, MODEL_HELP, decode_threads, model_dir
 from covidcxr.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,12 @@ def register(subparsers: Any) -> None:
                    help="skip this patient's cases (repeatable)")
     p.add_argument("--sheet", type=Path, default=None, help="write a contact sheet PNG (query + neighbours)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_cmd_search)
 
 
 def _add_embed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=None, help="image decoding threads (default: one per CPU)")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=True,

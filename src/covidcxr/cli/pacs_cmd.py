@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli._model import MODEL_HELP, model_dir
+from covidcxr.cli._model import DEVICE_HELP, MODEL_HELP, model_dir
 
 _AUTH_EPILOG = """\
 credentials (never on the command line, never logged):
@@ -41,7 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (default 30)")
     p.add_argument("--retries", type=int, default=3,
                    help="retries of a transient HTTP failure, with exponential back-off (default 3)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--report", type=Path, default=None, metavar="JSON",
                    help="also write every instance's outcome (UIDs, status, reason, probability) to this file")
 

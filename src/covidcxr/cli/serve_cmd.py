@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli._model import MODEL_HELP, model_dir
+from covidcxr.cli._model import DEVICE_HELP, MODEL_HELP, model_dir
 
 
 def register(subparsers: Any) -> None:
@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("-k", type=int, default=8, help="similar cases shown per image (default 8)")
     p.add_argument("--segmenter", type=Path, default=None,
                    help="lung U-Net weights (default: the model's own segmenter, else the shipped one)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                    help="file holding the API access token (default: $COVIDCXR_TOKEN; without either the API is "
                         "open, which is only allowed on a loopback --host); clients send 'Authorization: Bearer "
@@ -58,7 +58,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--mask", type=Path, default=None, help="lung mask image of the one image (default: predicted)")
     p.add_argument("--segmenter", type=Path, default=None,
                    help="lung U-Net weights (default: the model's own segmenter, else the shipped one)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_explain)
 

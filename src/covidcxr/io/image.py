@@ -122,7 +122,12 @@ def load_image_bytes(
         image, meta = _read_dicom(data, name, max_side)
     else:
         image, meta = _read_pil(data, name, max_side)
-    image = np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0).astype(np.float32, copy=False)
+    if image.dtype == np.float32 and image.flags.owndata and image.flags.writeable:
+        # A fresh float32 array (the usual case): the same NaN -> 0 and clipping, in place (two full-size copies less).
+        np.nan_to_num(image, copy=False, nan=0.0)
+        np.clip(image, 0.0, 1.0, out=image)
+    else:
+        image = np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0).astype(np.float32, copy=False)
     return np.ascontiguousarray(image), meta
 
 

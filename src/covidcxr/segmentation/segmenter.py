@@ -97,13 +97,24 @@ def _label(binary: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n) - 1
 
 
+def _component_stats(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count (int64, as ``np.bincount`` of :func:`_label`'s labels) and mean column of each 4-connected
+    component, in :func:`_label`'s order, from one OpenCV pass (its centroid is the exact integer sum / count)."""
+    import cv2
+
+    _, _, stats, centroids = cv2.connectedComponentsWithStats(np.ascontiguousarray(binary, dtype=np.uint8),
+                                                              connectivity=4)
+    return stats[1:, cv2.CC_STAT_AREA].astype(np.int64), centroids[1:, 0].astype(np.float64)
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Background regions not 4-connected to the border become foreground (SciPy's ``binary_fill_holes``)."""
     background, n = _label(~mask)
     if n == 0:
         return mask.copy()
-    border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
-    holes = ~np.isin(background, border) & (background > 0)
+    touches_border = np.zeros(n + 1, bool)  # lookup table by label: the same set as np.isin, without sorting
+    touches_border[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = True
+    holes = ~touches_border[background] & (background > 0)
     return mask | holes
 
 
@@ -137,7 +148,9 @@ def postprocess(prob: np.ndarray, threshold: float = 0.5, *, keep: int = 2, min_
     sizes = np.bincount(labels.ravel())[1:]
     order = np.argsort(sizes)[::-1][:keep]
     kept = [i + 1 for i in order if sizes[i] >= min_fraction * prob.size]
-    mask = np.isin(labels, kept)
+    keep = np.zeros(n + 1, bool)
+    keep[kept] = True
+    mask = keep[labels]
     return _fill_holes(mask).astype(np.uint8)
 
 
@@ -164,14 +177,13 @@ def qc_flags(mask: np.ndarray, *, prob: np.ndarray | None = None, image: np.ndar
         flags.append("lung_area_low")
     elif fraction > QC_LUNG_FRACTION[1]:
         flags.append("lung_area_high")
-    labels, n = _label(mask)
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes, centroid_x = _component_stats(mask)
+    n = len(sizes)
     order = np.argsort(sizes)[::-1]
     if n < 2 or sizes[order[1]] < QC_MISSING_RATIO * sizes[order[0]]:
         flags.append("one_lung_missing")
     else:
-        first, second = order[0] + 1, order[1] + 1
-        cx = [float(np.nonzero(labels == i)[1].mean()) for i in (first, second)]
+        cx = [float(centroid_x[i]) for i in (order[0], order[1])]
         mid = (mask.shape[1] - 1) / 2
         if (cx[0] - mid) * (cx[1] - mid) > 0:
             flags.append("lungs_same_side")
@@ -296,11 +308,22 @@ class LungSegmenter:
         Raises:
             ConfigError: An image is not a 2-D array.
         """
+        return self.forward(self.network_input(images))
+
+    def network_input(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """The U-Net's input batch ``(N, 1, S, S)`` (:func:`covidcxr.transforms.preprocess.segmenter_input`).
+
+        Raises:
+            ConfigError: An image is not a 2-D array of at least 8 x 8 pixels.
+        """
         from covidcxr.transforms.preprocess import segmenter_input
 
         images = [images] if isinstance(images, np.ndarray) and images.ndim == 2 else list(images)
         arrays = [check_gray(im, i, min_side=8) for i, im in enumerate(images)]
-        x = segmenter_input(arrays, self.config)
+        return segmenter_input(arrays, self.config)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Lung probabilities ``(N, S, S)`` for a batch from :meth:`network_input` (the U-Net's forward pass)."""
         if not len(x):
             return np.zeros((0, self.input_size, self.input_size), np.float32)
         logits = self.network.run(x, ["logits"], batch_size=self.batch_size)["logits"]
@@ -321,7 +344,24 @@ class LungSegmenter:
             ConfigError: An image is not a 2-D array.
         """
         images = [images] if isinstance(images, np.ndarray) and images.ndim == 2 else list(images)
-        probs = self.predict_proba(images)
+        return self.postprocess_batch(images, self.predict_proba(images))
+
+    def postprocess_batch(self, images: Sequence[np.ndarray], probs: np.ndarray) -> list[SegResult]:
+        """The second half of :meth:`predict`: post-process, upsample and QC probabilities from
+        :meth:`predict_proba` of the same images (the manifest loop runs it while the U-Net runs the next chunk).
+
+        Args:
+            images: ``H x W`` float images in [0, 1], the ones ``probs`` was computed from.
+            probs: ``(N, S, S)`` lung probabilities.
+
+        Returns:
+            One :class:`SegResult` per image, mask at that image's size.
+
+        Raises:
+            ConfigError: Images and probabilities differ in number.
+        """
+        if len(images) != len(probs):
+            raise ConfigError(f"{len(images)} images but {len(probs)} probability maps")
         pairs = [(np.asarray(im, np.float32), p) for im, p in zip(images, probs)]
         if self.workers <= 1 or len(pairs) <= 1:
             return [self._result(im, p) for im, p in pairs]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -70,17 +71,54 @@ def apply_seg_mode(
         mode = "none"
     if mode == "mask":
         radius = dilate * max(image.shape)
-        # OpenCV's exact (DIST_MASK_PRECISE) Euclidean distance transform: the same set as scipy's EDT, ~10x faster.
-        import cv2
-
-        dist = cv2.distanceTransform((~lung).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-        keep = dist <= radius if radius > 0 else lung
+        keep = dilate_disc(lung, radius) if radius > 0 else lung
         image = image * keep
     elif mode == "crop":
         image = _crop_to_lungs(image, lung, shape, margin)
     if image.shape == shape:
         return np.ascontiguousarray(image, dtype=np.float32)
     return resize_image(image, shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _disc(radius: float) -> np.ndarray:
+    """The pixel offsets within ``radius``, as OpenCV's exact Euclidean distance transform measures them."""
+    import cv2
+
+    r = int(np.ceil(radius)) + 1
+    point = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+    point[r, r] = 0
+    disc = cv2.distanceTransform(point, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius
+    rows, cols = np.flatnonzero(disc.any(axis=1)), np.flatnonzero(disc.any(axis=0))
+    return np.ascontiguousarray(disc[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], dtype=np.uint8)
+
+
+def dilate_disc(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels within Euclidean distance ``radius`` of the mask: ``distanceTransform(~mask) <= radius`` (OpenCV's
+    exact transform, the same set as SciPy's EDT), computed as a dilation by that disc over the mask's bounding box
+    plus ``radius`` (about half the time of the full-image transform; the same pixels, checked on real masks).
+
+    Args:
+        mask: Boolean ``H x W`` array.
+        radius: Distance in pixels (> 0).
+
+    Returns:
+        Boolean ``H x W`` array.
+    """
+    import cv2
+
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return out
+    kernel = _disc(float(radius))
+    r = kernel.shape[0] // 2
+    y0, y1 = max(rows[0] - r, 0), min(rows[-1] + r + 1, mask.shape[0])
+    x0, x1 = max(cols[0] - r, 0), min(cols[-1] + r + 1, mask.shape[1])
+    box = np.ascontiguousarray(mask[y0:y1, x0:x1]).view(np.uint8)
+    out[y0:y1, x0:x1] = cv2.dilate(box, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+    return out
 
 
 def lung_crop_box(lung: np.ndarray, shape: tuple[int, int], margin: float = 0.1) -> tuple[int, int, int, int]:
