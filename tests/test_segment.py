@@ -175,6 +175,27 @@ def test_postprocess_keeps_two_largest_and_fills_holes() -> None:
     assert postprocess(np.zeros((8, 8))).sum() == 0
 
 
+def test_postprocess_breaks_ties_by_position_not_by_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three equal components and keep=2: the two labelled last (raster order) are kept, whatever sort numpy's
+    # default picks on this CPU (simulated: an argsort that reverses the order of equal keys).
+    prob = np.zeros((40, 40), np.float32)
+    for x in (2, 15, 28):
+        prob[5:15, x : x + 8] = 0.9
+    want = postprocess(prob, min_fraction=0.0)
+    assert want[5:15, 2:10].sum() == 0 and want[5:15, 15:23].all() and want[5:15, 28:36].all()
+    real = np.argsort
+
+    def unstable(a, *args, kind=None, **kwargs):
+        if kind == "stable":
+            return real(a, *args, kind=kind, **kwargs)
+        order = real(np.asarray(a)[::-1], kind="stable")
+        return len(a) - 1 - order  # equal keys come out in the opposite order
+
+    monkeypatch.setattr(np, "argsort", unstable)
+    np.testing.assert_array_equal(postprocess(prob, min_fraction=0.0), want)
+    assert qc_flags(want) == qc_flags(want.copy())
+
+
 @pytest.mark.parametrize(
     ("mask", "expected"),
     [

@@ -146,7 +146,9 @@ def postprocess(prob: np.ndarray, threshold: float = 0.5, *, keep: int = 2, min_
     if n == 0:
         return np.zeros(prob.shape, np.uint8)
     sizes = np.bincount(labels.ravel())[1:]
-    order = np.argsort(sizes)[::-1][:keep]
+    # A stable sort: numpy's default may use SIMD sorts whose order of equal sizes depends on the CPU, and the mask must
+    # not. Largest first; equal sizes: the component labelled later (raster order) first, as before on this CPU.
+    order = np.argsort(sizes, kind="stable")[::-1][:keep]
     kept = [i + 1 for i in order if sizes[i] >= min_fraction * prob.size]
     keep = np.zeros(n + 1, bool)
     keep[kept] = True
@@ -179,7 +181,7 @@ def qc_flags(mask: np.ndarray, *, prob: np.ndarray | None = None, image: np.ndar
         flags.append("lung_area_high")
     sizes, centroid_x = _component_stats(mask)
     n = len(sizes)
-    order = np.argsort(sizes)[::-1]
+    order = np.argsort(sizes, kind="stable")[::-1]  # CPU-independent order of equal sizes (see postprocess)
     if n < 2 or sizes[order[1]] < QC_MISSING_RATIO * sizes[order[0]]:
         flags.append("one_lung_missing")
     else:
