@@ -24,7 +24,7 @@ TURNS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 """The eight orientations of an image (``mirrored`` = left-right flip, not told apart: reported, not trained)."""
 
 
-def _pictures(rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _pictures() -> dict[str, np.ndarray]:
     """matplotlib's sample pictures (photographs, logo, MRI slice, elevation maps) as grey float32 in [0, 1]."""
     import matplotlib
     from PIL import Image
@@ -80,7 +80,7 @@ def build_dataset(cxr_manifest: Path, noncxr_manifest: Path, seed: int = 0, n_sy
         add(img, "frontal", f"synth_cxr:{i}", "synthetic CXR (data.synth.draw_cxr)", f"synth_cxr_{i}")
     for i in range(n_pictures):
         add(draw_picture(rng), "other", f"picture:{i}", "synthetic picture (data.synth.draw_picture)", f"picture_{i}")
-    for name, img in _pictures(rng).items():
+    for name, img in _pictures().items():
         add(img, "other", f"matplotlib:{name}", "matplotlib sample data", name)
         h, w = img.shape
         for j in range(3):
@@ -224,10 +224,10 @@ def run_input_type(args: argparse.Namespace, argv: list[str] | None) -> int:
                  "per_source_upright": rows[rows["turn"] == "upright"]["source"].value_counts().to_dict()},
         "cross_validated": summarize(rows, p, settings["threshold"]),
         "threshold_sweep (cross-validated)": {
-            str(t): {k: summarize(rows, p, t)[k] for k in ("dev_cxr_refused",)} | {
-                "non_frontal_refused": summarize(rows, p, t)["non_frontal_refused"]["real chest images, every "
-                                                                                    "orientation (lateral, CT)"]}
-            for t in (0.3, 0.5, 0.8, 0.95)},
+            str(t): {"dev_cxr_refused": s["dev_cxr_refused"],
+                     "non_frontal_refused": s["non_frontal_refused"]["real chest images, every orientation (lateral, "
+                                                                     "CT)"]}
+            for t in (0.3, 0.5, 0.8, 0.95) for s in (summarize(rows, p, t),)},
         "feature_seconds": round(t_feat, 1),
     }
     if args.install:

@@ -37,6 +37,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_flags, cpu_model
 
+from covidcxr.data.manifest import as_flags
+
 log = logging.getLogger("shortcut")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +185,7 @@ def oof_scores(x: np.ndarray, df: pd.DataFrame, folds: np.ndarray, *, C: float, 
 
     y = (df["label"] == "covid").to_numpy().astype(int)
     src = df["source"].astype(str).to_numpy()
-    both = df["source_has_both_labels"].astype(str).str.lower().eq("true").to_numpy()
+    both = as_flags(df["source_has_both_labels"])
     groups = df["patient_id"].astype(str).to_numpy()
     prob = np.full(len(df), np.nan)
     probes = []
@@ -206,7 +208,7 @@ def score(prob: np.ndarray, df: pd.DataFrame) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
     y = (df["label"] == "covid").to_numpy().astype(int)
-    both = df["source_has_both_labels"].astype(str).str.lower().eq("true").to_numpy()
+    both = as_flags(df["source_has_both_labels"])
     return {"auc_two_label": float(roc_auc_score(y[both], prob[both])), "auc_overall": float(roc_auc_score(y, prob))}
 
 
@@ -356,7 +358,7 @@ def run_partial(df: pd.DataFrame, act: np.ndarray, name: str, seeds: list[int], 
     from covidcxr.data import crossval_folds
 
     y = (df["label"] == "covid").to_numpy().astype(int)
-    both = df["source_has_both_labels"].astype(str).str.lower().eq("true").to_numpy()
+    both = as_flags(df["source_has_both_labels"])
     per_seed, oof = [], {}
     t0 = time.perf_counter()
     for seed in seeds:
@@ -394,7 +396,7 @@ def run_partial(df: pd.DataFrame, act: np.ndarray, name: str, seeds: list[int], 
 def origin_column(df: pd.DataFrame, how: str) -> pd.Series:
     """Finer provenance of two-label rows: ``country`` (last part of ``location``), ``location`` or ``site`` (the
     website / publication prefix of ``orig_path``); empty for other rows (always trained on)."""
-    both = df["source_has_both_labels"].astype(str).str.lower().eq("true")
+    both = pd.Series(as_flags(df["source_has_both_labels"]), index=df.index)
     if how == "country":
         val = df["location"].fillna("").astype(str).str.split(",").str[-1].str.strip()
     elif how == "location":
@@ -414,7 +416,7 @@ def run_origin(df: pd.DataFrame, x: np.ndarray, head_factory, hows: list[str], s
 
     y = (df["label"] == "covid").to_numpy().astype(int)
     src = df["source"].astype(str).to_numpy()
-    both = df["source_has_both_labels"].astype(str).str.lower().eq("true").to_numpy()
+    both = as_flags(df["source_has_both_labels"])
     rows = []
     kfold = [oof_margins(head_factory, x, y, src, both, crossval_folds(df, k, group_col="split_group", seed=s),
                          x_extra=x_extra) for s in seeds]
@@ -606,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         xaf = features(np.ascontiguousarray(aug[..., ::-1]), "lite0", "mask_224_aug0_flip", work)["final"]
         y = (df["label"] == "covid").to_numpy().astype(int)
         src = df["source"].astype(str).to_numpy()
-        both = df["source_has_both_labels"].astype(str).str.lower().eq("true").to_numpy()
+        both = as_flags(df["source_has_both_labels"])
         rows = []
         for seed in args.seeds:
             folds = crossval_folds(df, FOLDS, group_col="split_group", seed=seed)

@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from covidcxr.classification.ood import OODReference
     from covidcxr.classification.operating_point import fit_operating_point
     from covidcxr.data import crossval_folds, read_manifest
+    from covidcxr.data.manifest import as_flags
     from covidcxr.io.files import file_sha256
     from covidcxr.models.classifier import create_classifier
     from covidcxr.models.registry import NORMALIZATIONS
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{mode}_{size}_aug0", args.work)["final"]
     y = (df["label"] == "covid").to_numpy().astype(int)
     src = df["source"].astype(str).to_numpy()
-    both = df["source_has_both_labels"].astype(str).str.lower().eq("true").to_numpy()
+    both = as_flags(df["source_has_both_labels"])
 
     # 1. Out of fold, two fold seeds.
     per_seed, folds0, margin0 = {}, None, None
@@ -212,8 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     # the two-label rows reaches TARGET_SENSITIVITY (what specificity that leaves is stated, not hidden).
     settings = SimpleNamespace(calibrate=True, threshold_method="sensitivity", target_sensitivity=TARGET_SENSITIVITY,
                                threshold_rows="both_labels")
-    point = fit_operating_point(oof, settings)  # writes prob_uncalibrated and prob
-    oof["pred_label"] = np.where(oof["prob"] >= point.threshold, "covid", "non_covid")
+    point = fit_operating_point(oof, settings)  # writes prob_uncalibrated, prob and pred_label
 
     # 3. The honest estimate.
     result, honest = honest_figures(oof, point.threshold)

@@ -38,7 +38,7 @@ import pandas as pd
 
 from covidcxr.classification.config import TrainConfig
 from covidcxr.errors import ConfigError
-from covidcxr.io.files import file_sha256, write_json
+from covidcxr.io.files import file_sha256, write_json, write_text
 from covidcxr.vocab import LABELS
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,6 @@ def _prepare_out(out: Path, plan: dict[str, Any], resume: bool, force: bool) -> 
     write_json(plan_file, plan)
 
 
-def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def _predict_heldout(run: Path, held: pd.DataFrame, cfg: TrainConfig, mask_dir: Path) -> None:
     """Predict the held-out rows with the fold's artifact (inference path, with embeddings) and store them."""
     from covidcxr.classification.artifact import load_artifact
@@ -210,7 +204,7 @@ def _predict_heldout(run: Path, held: pd.DataFrame, cfg: TrainConfig, mask_dir: 
     tmp = run / (HELDOUT_EMBEDDINGS + ".tmp.npy")
     np.save(tmp, np.asarray(emb, dtype=np.float32))
     os.replace(tmp, run / HELDOUT_EMBEDDINGS)
-    _write_csv(run / HELDOUT_FILE, pred)  # last: its presence means the fold is finished
+    write_text(run / HELDOUT_FILE, pred.to_csv(index=False))  # last: its presence means the fold is finished
 
 
 def _run_fold(df: pd.DataFrame, folds: np.ndarray, fold: int, name: str, cfg: TrainConfig, out: Path,
@@ -342,7 +336,7 @@ def run_crossval(
         plan = _plan(df, name, digest, fold_of_row, fold_names, folds, cfg.group_col, leave_out_col, cfg.seed, cfg)
         _prepare_out(out, plan, resume, force)
         cols = [c for c in ("image", "patient_id", "label", "source") if c in df.columns]
-        _write_csv(out / FOLDS_FILE, df[cols].assign(fold=fold_of_row))
+        write_text(out / FOLDS_FILE, df[cols].assign(fold=fold_of_row).to_csv(index=False))
     log.info("cross-validation: %d folds over %d rows -> %s", len(fold_names), len(df), out)
     facts = []
     for fold, fold_name in enumerate(fold_names):
@@ -362,7 +356,7 @@ def _finish(df: pd.DataFrame, folds: np.ndarray, fold_names: list[str], out: Pat
     from covidcxr.evaluation.probe import source_probe
 
     oof, emb = out_of_fold(df, folds, out, fold_names)
-    _write_csv(out / OOF_FILE, oof)
+    write_text(out / OOF_FILE, oof.to_csv(index=False))
     probe = None
     if "source" in oof.columns:
         from covidcxr.data.split import patient_groups
@@ -400,14 +394,11 @@ def _finish(df: pd.DataFrame, folds: np.ndarray, fold_names: list[str], out: Pat
 
 def _write_ensemble(out: Path, k: int, estimate: dict[str, Any] | None) -> Path:
     """The fold models as one ensemble artifact; its config records the out-of-fold estimate of its members."""
-    import json
-
     from covidcxr.classification.artifact import CONFIG_FILE
     from covidcxr.classification.ensemble import make_ensemble
 
     path, config = make_ensemble([fold_dir(out, i) for i in range(k)], out / ENSEMBLE_DIR, force=True)
     if estimate is not None:
-        config = json.loads((path / CONFIG_FILE).read_text())
         # The members' pooled out-of-fold figure: each row scored by the one member that never saw it.
         config["honest_estimate"] = {**estimate, "of": f"{k} cross-validation fold models, each on its held-out fold"}
         write_json(path / CONFIG_FILE, config)

@@ -80,10 +80,12 @@ class Prepared:
     inputs: list[np.ndarray]
 
 
-def _map_threads(fn: Any, items: Sequence[Any]) -> list[Any]:
+def map_threads(fn: Any, items: Sequence[Any], num_workers: int | None = None) -> list[Any]:
+    """``[fn(i) for i in items]`` on up to ``num_workers`` threads (None: the CPUs this process may use); OpenCV,
+    Pillow and ONNX Runtime release the GIL, so decoding and preprocessing run in parallel."""
     from covidcxr.device import available_cpus
 
-    workers = min(available_cpus(), len(items))
+    workers = min(available_cpus() if num_workers is None else num_workers, len(items))
     if workers <= 1:
         return [fn(i) for i in items]
     from concurrent.futures import ThreadPoolExecutor
@@ -482,7 +484,7 @@ class ModelArtifact(BaseArtifact):
             return preprocess(images[i], masks[i] if masks is not None else None, self.preprocess_cfg, flags=qc[i])
 
         # OpenCV and Pillow release the GIL: the images of a batch are prepared in parallel.
-        x = _map_threads(one, range(len(images)))
+        x = map_threads(one, range(len(images)))
         size = self.preprocess_cfg.input_size
         return np.stack(x) if x else np.zeros((0, 1, size, size), np.float32)
 

@@ -305,13 +305,14 @@ class InputTypeClassifier:
             ModelError: A file is missing or corrupt, or was saved with other kinds.
         """
         stem = Path(stem) if stem is not None else default_stem()
+        from covidcxr.io.files import read_npz
+
         try:
             meta = json.loads(stem.with_suffix(".json").read_text())
-            with np.load(stem.with_suffix(".npz")) as data:
-                arrays = {k: data[k].astype(np.float64)
-                          for k in ("mean", "scale", "w0", "b0", "w1", "b1", "ct_coef", "ct_intercept")}
-        except (OSError, KeyError, ValueError) as exc:
-            raise ModelError(f"{stem}.npz/.json: cannot read the input-type classifier ({exc})") from exc
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{stem}.json: cannot read the input-type classifier ({exc})") from exc
+        arrays = read_npz(stem.with_suffix(".npz"), ("mean", "scale", "w0", "b0", "w1", "b1", "ct_coef",
+                                                     "ct_intercept"), "input-type classifier")
         saved = (meta.get("kinds"), meta.get("thumb"), meta.get("feature_version", 1))
         if (tuple(saved[0] or ()), saved[1], saved[2]) != (KINDS, THUMB, FEATURE_VERSION):
             raise ModelError(f"{stem}.json: saved for kinds {saved[0]} / thumbnail {saved[1]} / features version "

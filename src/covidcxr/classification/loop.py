@@ -17,7 +17,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidcxr.classification.inference import Artifact
+from covidcxr.classification.inference import Artifact, map_threads
 from covidcxr.data.manifest import has_path
 from covidcxr.errors import ConfigError, CxrError, ImageError
 from covidcxr.io.files import write_json
@@ -105,30 +104,6 @@ class MaskCache:
         write_json(self.dir / "qc.json", self._qc)
 
 
-def load_masks_for_rows(
-    rows: pd.DataFrame,
-    images: Sequence[np.ndarray],
-    segment: Callable[[list[np.ndarray]], tuple[list[np.ndarray], list[list[str]]]],
-    cache: MaskCache | None,
-) -> tuple[list[np.ndarray], list[list[str]]]:
-    """Lung masks for manifest rows: the ``mask`` column when given, else the cache, else ``segment`` (batched).
-
-    Args:
-        rows: Manifest rows (``image``, optional ``mask``), aligned with ``images``.
-        images: Decoded images.
-        segment: Function returning ``(masks, qc_flags)`` for a list of images.
-        cache: Mask cache or None.
-
-    Returns:
-        ``(masks, qc_flags)`` per row.
-    """
-    masks, qc, todo = _known_masks(rows, cache)
-    if todo:
-        pred, flags = segment([images[i] for i in todo])
-        _fill_masks(rows, masks, qc, todo, pred, flags, cache)
-    return masks, qc  # type: ignore[return-value]
-
-
 def _known_masks(rows: pd.DataFrame, cache: MaskCache | None
                  ) -> tuple[list[np.ndarray | None], list[list[str]], list[int]]:
     """Masks from the ``mask`` column or the cache; ``(masks, qc_flags, rows still to segment)``."""
@@ -175,14 +150,7 @@ def decode_images(paths: Sequence[str], num_workers: int) -> list[np.ndarray]:
     """
     from covidcxr.io.image import load_image
 
-    return [im for im, _ in _map_threads(load_image, paths, num_workers)]
-
-
-def _map_threads(fn: Callable[[str], Any], paths: Sequence[str], num_workers: int) -> list[Any]:
-    if num_workers <= 1 or len(paths) <= 1:
-        return [fn(p) for p in paths]
-    with ThreadPoolExecutor(num_workers) as pool:
-        return list(pool.map(fn, paths))
+    return [im for im, _ in map_threads(load_image, paths, num_workers)]
 
 
 def _decode_rows(paths: Sequence[str], num_workers: int, on_error: str, offset: int
@@ -195,7 +163,7 @@ def _decode_rows(paths: Sequence[str], num_workers: int, on_error: str, offset: 
         except ImageError as exc:
             return exc
 
-    loaded = _map_threads(one, paths, num_workers)
+    loaded = map_threads(one, paths, num_workers)
     images, ok, problems = [], [], []
     for i, item in enumerate(loaded):
         if isinstance(item, ImageError):

@@ -123,13 +123,14 @@ class MirrorCheck:
         Raises:
             ModelError: The file is missing or corrupt.
         """
+        from covidcxr.io.files import read_npz
+
         path = Path(directory) / entry.get("file", MIRROR_FILE)
+        arrays = read_npz(path, ("coef", "intercept"), "mirror check")
         try:
-            with np.load(path) as data:
-                coef, intercept = data["coef"].astype(np.float64), float(data["intercept"])
             obj = cls(C=float(entry.get("C", 0.03)), quantile=float(entry.get("quantile", 0.005)))
             obj.threshold_ = float(entry["threshold"])
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise ModelError(f"{path}: cannot read the mirror check ({exc})") from exc
-        obj.coef_, obj.intercept_ = coef, intercept
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ModelError(f"{path}: cannot read the mirror check (config entry {entry!r}: {exc})") from exc
+        obj.coef_, obj.intercept_ = arrays["coef"], float(arrays["intercept"])
         return obj

@@ -30,7 +30,7 @@ import numpy as np
 from covidcxr.classification.input_type import LOOKS_LIKE
 from covidcxr.classification.mirror import MESSAGE as MIRROR_MESSAGE
 from covidcxr.classification.mirror import REASON as MIRROR_REASON
-from covidcxr.errors import ConfigError, ModelError
+from covidcxr.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,10 @@ class OODReference:
         Raises:
             ModelError: The file is missing or corrupt.
         """
+        from covidcxr.io.files import read_npz
+
         path = Path(directory) / entry.get("file", REFERENCE_FILE)
-        try:
-            with np.load(path) as data:
-                emb = data["embeddings"].astype(np.float32)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ModelError(f"{path}: cannot read the out-of-distribution reference ({exc})") from exc
+        emb = read_npz(path, ("embeddings",), "out-of-distribution reference")["embeddings"]
         return cls(emb, float(entry["threshold"]), int(entry.get("k", 5)))
 
 

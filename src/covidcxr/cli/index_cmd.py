@@ -130,9 +130,6 @@ def _console() -> Any:
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
-
-
-
 def _report_unreadable(unreadable: list[dict[str, Any]], where: Path) -> int:
     """One line per image left out, and the batch exit status (README: 1 when any input could not be read)."""
     from covidcxr.service.jobs import batch_exit_code

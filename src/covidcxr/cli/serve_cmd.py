@@ -124,5 +124,3 @@ def _print_explanation(summary: dict[str, Any]) -> None:
         print("lung QC flags: " + ", ".join(summary["qc_flags"]))
     for name, path in summary["files"].items():
         print(f"  {name}: {path}")
-
-

@@ -75,14 +75,13 @@ def describe_honest_estimate(config: Mapping[str, Any] | None) -> str:
 
 
 def shortcut_warnings(result: Mapping[str, Any], probe: Mapping[str, Any] | None = None,
-                      *, auc_gap: float = AUC_GAP_WARN, probe_auc: float | None = None) -> list[str]:
+                      *, auc_gap: float = AUC_GAP_WARN) -> list[str]:
     """Warnings that the overall figure flatters: a two-label AUC far below it, or a high source probe.
 
     Args:
         result: An ``evaluate_predictions`` result.
         probe: A :func:`~covidcxr.evaluation.probe.source_probe` result (or None).
-        auc_gap: Largest acceptable drop of the two-label ROC AUC below the overall one.
-        probe_auc: Source-probe ROC AUC from which to warn (default
+        auc_gap: Largest acceptable drop of the two-label ROC AUC below the overall one (a probe warns from
             :data:`~covidcxr.evaluation.probe.PROBE_HIGH_AUC`).
 
     Returns:
@@ -99,8 +98,7 @@ def shortcut_warnings(result: Mapping[str, Any], probe: Mapping[str, Any] | None
         out.append(f"ROC AUC on two-label rows {float(two):.3f} lies {float(overall) - float(two):.3f} below the "
                    f"overall {float(overall):.3f}: the overall figure rewards recognising the source; trust the "
                    "two-label figure")
-    limit = PROBE_HIGH_AUC if probe_auc is None else probe_auc
-    if probe and probe.get("roc_auc") is not None and float(probe["roc_auc"]) >= limit:
+    if probe and probe.get("roc_auc") is not None and float(probe["roc_auc"]) >= PROBE_HIGH_AUC:
         out.append(f"source probe ROC AUC {float(probe['roc_auc']):.3f} (accuracy {float(probe['accuracy']):.3f}, "
                    f"chance {float(probe['chance_accuracy']):.3f}): the embedding tells the {probe['n_sources']} "
                    f"sources apart, so the model can score by the archive; overall ROC AUC "

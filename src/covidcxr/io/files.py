@@ -1,4 +1,4 @@
-"""Writing files: PNGs, atomic JSON, hashes."""
+"""Writing files: PNGs, atomic JSON, hashes; reading the arrays a model stores beside its weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from covidcxr.errors import ConfigError
+from covidcxr.errors import ConfigError, ModelError
 
 
 # --------------------------------------------------------------------------------------------- PNG
@@ -59,6 +59,19 @@ def _quantise(arr: np.ndarray, bits: int, what: str) -> np.ndarray:
             raise ConfigError(f"{what}: integer values must be in [0, {top}] for {bits} bits")
         return arr.astype(np.int64)
     raise ConfigError(f"{what}: unsupported dtype {arr.dtype}")
+
+
+def read_npz(path: str | os.PathLike[str], keys: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` file a model stores (gate references, small checks) as float64.
+
+    Raises:
+        ModelError: The file is missing, corrupt or lacks a key: ``"<path>: cannot read the <what> (...)"``.
+    """
+    try:
+        with np.load(path) as data:
+            return {k: data[k].astype(np.float64) for k in keys}
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read the {what} ({exc})") from exc
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -114,7 +127,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-        os.chmod(tmp, readable_mode())
+        os.chmod(tmp, readable_mode())  # mkstemp makes 0600 files; a shared model or report must stay readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,14 +155,4 @@ def write_text(path: str | Path, text: str) -> Path:
 
     An earlier file at ``path`` stays as it was until the new one is complete.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, readable_mode())  # mkstemp makes 0600 files; a shared model or report must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -97,14 +97,19 @@ def _label(binary: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n) - 1
 
 
-def _component_stats(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel count (int64, as ``np.bincount`` of :func:`_label`'s labels) and mean column of each 4-connected
-    component, in :func:`_label`'s order, from one OpenCV pass (its centroid is the exact integer sum / count)."""
+def _components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_label`'s labels with each component's pixel count (int64, as ``np.bincount`` of the labels) and mean
+    column, from one OpenCV pass (its centroid is the exact integer sum / count)."""
     import cv2
 
-    _, _, stats, centroids = cv2.connectedComponentsWithStats(np.ascontiguousarray(binary, dtype=np.uint8),
-                                                              connectivity=4)
-    return stats[1:, cv2.CC_STAT_AREA].astype(np.int64), centroids[1:, 0].astype(np.float64)
+    _, labels, stats, centroids = cv2.connectedComponentsWithStats(np.ascontiguousarray(binary, dtype=np.uint8),
+                                                                   connectivity=4)
+    return labels, stats[1:, cv2.CC_STAT_AREA].astype(np.int64), centroids[1:, 0].astype(np.float64)
+
+
+def _component_stats(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count and mean column of each 4-connected component, in :func:`_label`'s order."""
+    return _components(binary)[1:]
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -142,17 +147,16 @@ def postprocess(prob: np.ndarray, threshold: float = 0.5, *, keep: int = 2, min_
     prob = np.asarray(prob)
     if prob.ndim != 2:
         raise ConfigError(f"probability map shape {prob.shape}: expected H x W")
-    labels, n = _label(prob >= threshold)
+    labels, sizes, _ = _components(prob >= threshold)
+    n = len(sizes)
     if n == 0:
         return np.zeros(prob.shape, np.uint8)
-    sizes = np.bincount(labels.ravel())[1:]
     # A stable sort: numpy's default may use SIMD sorts whose order of equal sizes depends on the CPU, and the mask must
     # not. Largest first; equal sizes: the component labelled later (raster order) first, as before on this CPU.
     order = np.argsort(sizes, kind="stable")[::-1][:keep]
-    kept = [i + 1 for i in order if sizes[i] >= min_fraction * prob.size]
-    keep = np.zeros(n + 1, bool)
-    keep[kept] = True
-    mask = keep[labels]
+    kept = np.zeros(n + 1, bool)  # lookup table by label
+    kept[[i + 1 for i in order if sizes[i] >= min_fraction * prob.size]] = True
+    mask = kept[labels]
     return _fill_holes(mask).astype(np.uint8)
 
 

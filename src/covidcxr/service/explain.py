@@ -14,38 +14,6 @@ from covidcxr.service.analysis import analyze_one, pick_segmenter
 log = logging.getLogger(__name__)
 
 
-def explain_file(
-    image_path: str | Path,
-    model_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    mask_path: str | Path | None = None,
-    segmenter_weights: str | Path | None = None,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Explain one image file: write the Grad-CAM overlay, heat map and lung mask, and a JSON summary.
-
-    Args:
-        image_path: PNG, JPEG, TIFF or DICOM file.
-        model_dir: Classifier or ensemble artifact folder.
-        out_dir: Output folder (created).
-        mask_path: Lung mask image (nonzero = lung); None predicts it with the model's or the shipped segmenter.
-        segmenter_weights: Lung-segmenter weights to use instead.
-        device: Inference device.
-
-    Returns:
-        The summary (also written to ``<stem>_explanation.json``): probability, label, threshold,
-        lung_energy_fraction, qc_flags and the files written.
-
-    Raises:
-        ImageError: Unreadable image or mask.
-        ModelError: Missing or corrupt model.
-        ConfigError: The mask does not match the image size.
-    """
-    return explain_files([image_path], model_dir, out_dir, mask_path=mask_path, segmenter_weights=segmenter_weights,
-                         device=device, on_error="raise")[0]
-
-
 def explain_files(
     image_paths: list[str | Path],
     model_dir: str | Path,
@@ -54,13 +22,23 @@ def explain_files(
     mask_path: str | Path | None = None,
     segmenter_weights: str | Path | None = None,
     device: str = "auto",
-    on_error: str = "report",
 ) -> list[dict[str, Any]]:
-    """:func:`explain_file` for several images with one model; an unreadable image gets a summary with ``status``
-    ``error`` and the reason (``on_error='report'``) and the others go on, or stops the batch (``'raise'``).
+    """Explain image files with one model: per image the Grad-CAM overlay, heat map and lung mask (PNG) and a JSON
+    summary ``<stem>_explanation.json`` (probability, label, threshold, lung_energy_fraction, qc_flags, the files
+    written). An unreadable image gets a summary with ``status`` ``error`` and the reason, and the others go on.
+
+    Args:
+        image_paths: PNG, JPEG, TIFF or DICOM files.
+        model_dir: Classifier or ensemble artifact folder.
+        out_dir: Output folder (created).
+        mask_path: Lung mask image (nonzero = lung) for a single image; None predicts it with the model's or the
+            shipped segmenter.
+        segmenter_weights: Lung-segmenter weights to use instead.
+        device: Inference device.
 
     Raises:
-        ConfigError: ``mask_path`` with more than one image.
+        ConfigError: ``mask_path`` with more than one image, or a mask that does not fit its image.
+        ImageError: With ``mask_path``: an unreadable image or mask.
         ModelError: Missing or corrupt model.
     """
     from covidcxr.classification.artifact import load_artifact
@@ -75,7 +53,7 @@ def explain_files(
         try:
             summaries.append(_explain_one(artifact, image_path, Path(out_dir), mask_path, segmenter, key))
         except (ImageError, ConfigError) as exc:
-            if on_error == "raise" or mask_path is not None:  # with --mask: one image, its arguments are wrong
+            if mask_path is not None:  # with --mask: one image, its arguments are wrong
                 raise
             log.error("%s", exc)
             reason = str(exc) if str(image_path) in str(exc) else f"{image_path}: {exc}"
