@@ -226,6 +226,22 @@ def test_cli_explain_writes_overlay_and_summary(toy, tmp_path, capsys) -> None:
     assert energy is None or 0.0 <= energy <= 1.0
 
 
+def test_cli_explain_keeps_apart_inputs_with_the_same_name(toy, tmp_path) -> None:
+    import shutil
+
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        paths.append(shutil.copy(toy.images[1], tmp_path / folder / "scan.png"))
+    out = tmp_path / "out"
+    assert main(["explain", *map(str, paths), "--model", str(toy.model_dir), "--out", str(out)]) == 0
+    first = json.loads((out / "scan_explanation.json").read_text())
+    second = json.loads((out / "scan_2_explanation.json").read_text())
+    assert first["image"] == str(paths[0]) and second["image"] == str(paths[1])
+    assert Path(first["files"]["overlay"]) != Path(second["files"]["overlay"])
+    assert all(Path(f).is_file() for f in [*first["files"].values(), *second["files"].values()])
+
+
 def test_cli_explain_with_a_mask_of_the_wrong_size_fails_with_a_message(toy, tmp_path, capsys) -> None:
     bad = save_png(tmp_path / "mask.png", np.ones((10, 12), np.float32))
     code = main(["explain", str(toy.images[0]), "--model", str(toy.model_dir), "--out", str(tmp_path / "o"),

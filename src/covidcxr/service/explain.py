@@ -49,9 +49,9 @@ def explain_files(
     artifact = load_artifact(model_dir, device)
     segmenter, key = pick_segmenter(artifact, segmenter_weights) if mask_path is None else (None, None)
     summaries = []
-    for image_path in image_paths:
+    for image_path, stem in zip(image_paths, output_stems(image_paths), strict=True):
         try:
-            summaries.append(_explain_one(artifact, image_path, Path(out_dir), mask_path, segmenter, key))
+            summaries.append(_explain_one(artifact, image_path, Path(out_dir), mask_path, segmenter, key, stem))
         except (ImageError, ConfigError) as exc:
             if mask_path is not None:  # with --mask: one image, its arguments are wrong
                 raise
@@ -62,8 +62,22 @@ def explain_files(
     return summaries
 
 
+def output_stems(image_paths: list[str | Path]) -> list[str]:
+    """The name each image's outputs start with: its file stem, or ``<stem>_<n>`` for the n-th (n >= 2) image of the
+    batch with that stem (``a/scan.png`` and ``b/scan.png`` must not overwrite each other's outputs)."""
+    seen: dict[str, int] = {}
+    stems = []
+    for path in image_paths:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        if seen[stem] > 1:
+            log.warning("%s: another input has the name %r; its outputs are named %r", path, stem, stems[-1])
+    return stems
+
+
 def _explain_one(artifact: Any, image_path: str | Path, out: Path, mask_path: str | Path | None, segmenter: Any,
-                 key: str | None) -> dict[str, Any]:
+                 key: str | None, stem: str) -> dict[str, Any]:
     import json
 
     from covidcxr.classification.explain import explanation_from, outline_rgba, save_explanation
@@ -82,7 +96,6 @@ def _explain_one(artifact: Any, image_path: str | Path, out: Path, mask_path: st
         result = analyze_one(artifact, image, segmenter=segmenter, segmenter_key=key)
     pred, mask = result.prediction, result.mask
     expl = explanation_from(pred, image, mask, n_members=len(artifact.members))
-    stem = image_path.stem
     files = {k: str(v) for k, v in save_explanation(expl, out, stem).items()}
     outline = outline_rgba(mask)
     alpha = outline[..., 3:4].astype(np.float32) / 255.0
