@@ -34,11 +34,13 @@ MESSAGE = "it looks like a left-right mirror image (heart on image's left)"
 def mirror_features(feature_map: np.ndarray) -> np.ndarray:
     """Left-minus-right half means of a feature map ``(N, C, H, W)`` -> ``(N, C)`` (the middle column of an odd
     width is left out), so the features of a mirror image are about the negative of the upright image's."""
-    fm = np.asarray(feature_map, dtype=np.float64)
+    fm = np.asarray(feature_map)
     if fm.ndim != 4 or fm.shape[-1] < 2:
         raise ConfigError(f"feature map of shape {fm.shape}: expected (N, C, H, W) with W >= 2")
     half = fm.shape[-1] // 2
-    return fm[..., :half].mean(axis=(2, 3)) - fm[..., -half:].mean(axis=(2, 3))
+    n = fm.shape[2] * half
+    # Summed in float64 without a float64 copy of the whole map (a batch's map is ~60 MB in float32).
+    return (fm[..., :half].sum(axis=(2, 3), dtype=np.float64) / n) - (fm[..., -half:].sum(axis=(2, 3), dtype=np.float64) / n)
 
 
 class MirrorCheck:
