@@ -119,20 +119,26 @@ results = seg.predict(images)
 masks = [r.mask for r in results]
 xc = art.preprocess_batch(images, masks, [[] for _ in images])
 serial = "pipeline" in inspect.signature(predict_manifest).parameters  # a tree with the pipelined loop
-def clock(fn):
-    t0 = time.perf_counter(); fn(); return time.perf_counter() - t0
+import os
+cpu = {}
+def clock(fn, key=None):  # wall seconds; the process's CPU seconds (user + system) go to cpu[key]
+    t0, c0 = time.perf_counter(), os.times(); fn(); c1 = os.times()
+    if key:
+        cpu.setdefault(key, []).append(c1.user - c0.user + c1.system - c0.system)
+    return time.perf_counter() - t0
 runs = {"unet_s": [], "classifier_s": [], "manifest_loop_s": [], **({"manifest_loop_serial_s": []} if serial else {})}
 for _ in range(repeats):  # interleaved, so a neighbour's load on a shared machine hits all of them alike
-    runs["unet_s"].append(clock(lambda: seg.network.run(xs, ["logits"], batch_size=16)))
-    runs["classifier_s"].append(clock(lambda: art.network.run(xc, ["logits", "embedding"], batch_size=16)))
+    runs["unet_s"].append(clock(lambda: seg.network.run(xs, ["logits"], batch_size=16), "unet"))
+    runs["classifier_s"].append(clock(lambda: art.network.run(xc, ["logits", "embedding"], batch_size=16), "classifier"))
     runs["manifest_loop_s"].append(clock(lambda: predict_manifest(art, df, batch_size=32,
-                                                                  num_workers=available_cpus())))
+                                                                  num_workers=available_cpus()), "manifest_loop"))
     if serial:
         runs["manifest_loop_serial_s"].append(clock(lambda: predict_manifest(art, df, batch_size=32, pipeline=False,
                                                                              num_workers=available_cpus())))
 out = {"n": len(paths), "repeats": repeats, "decode_s": t_decode, **{k: float(np.median(v)) for k, v in runs.items()},
        "all_seconds": {k: [round(x, 3) for x in v] for k, v in runs.items()}}
 out["bare_networks_s"] = out["unet_s"] + out["classifier_s"]
+out["cpu_s"] = {k: round(float(np.median(v)), 2) for k, v in cpu.items()}
 print(json.dumps(out))
 """
 
@@ -422,7 +428,17 @@ def in_process_line(ip: dict[str, Any]) -> str:
     return (f"In process ({ip['n']} images, medians of {ip.get('repeats', 1)} interleaved runs; the ratio is the median "
             f"of the runs' bare/loop ratios): manifest loop {ip['manifest_loop_s']:.2f} s; bare networks "
             f"{ip['bare_networks_s']:.2f} s (U-Net {ip['unet_s']:.2f} s + classifier {ip['classifier_s']:.2f} s); "
-            f"ratio {ip['ratio']:.2f}x{serial}; decoding alone {ip['decode_s']:.2f} s.")
+            f"ratio {ip['ratio']:.2f}x{serial}; decoding alone {ip['decode_s']:.2f} s." + cpu_line(ip))
+
+
+def cpu_line(ip: dict[str, Any]) -> str:
+    c = ip.get("cpu_s")
+    if not c:
+        return ""
+    return (f" CPU seconds (user + system, medians): loop {c['manifest_loop']:.1f}, bare networks "
+            f"{c['unet'] + c['classifier']:.1f} (U-Net {c['unet']:.1f} + classifier {c['classifier']:.1f}): the loop's "
+            f"wall time is its CPU time over the {os.cpu_count()} cores, so overlap cannot hide the work outside the "
+            "networks here.")
 
 
 def in_process_only(args: argparse.Namespace, paths_file: Path, env: dict[str, str], tmp: Path,
