@@ -30,6 +30,17 @@ def test_features_of_a_mirrored_map_are_the_negative() -> None:
     np.testing.assert_allclose(mirror_features(fm[..., ::-1]), -f)
 
 
+@pytest.mark.parametrize("width", [6, 7])
+def test_features_are_the_float64_half_means_of_a_float32_map(width: int) -> None:
+    # Summed with a float64 accumulator over float32 views: the mean of the float64 copy, without the copy.
+    fm = np.random.default_rng(1).random((4, 8, 7, width), dtype=np.float32) * 6
+    f64, half = fm.astype(np.float64), width // 2
+    ref = f64[..., :half].mean(axis=(2, 3)) - f64[..., -half:].mean(axis=(2, 3))
+    got = mirror_features(fm)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 4), (2, 3, 4, 1)])
 def test_features_refuse_maps_that_cannot_have_halves(shape: tuple[int, ...]) -> None:
     with pytest.raises(ConfigError, match=r"feature map of shape"):
