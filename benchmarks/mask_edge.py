@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from covidcxr.models.export import _UnetGraph
     from covidcxr.segmentation.segmenter import postprocess
     from covidcxr.segmentation.weights import load_unet
-    from covidcxr.transforms.lung import _disc, dilate_disc
+    from covidcxr.transforms.lung import dilate_disc
     from covidcxr.transforms.preprocess import segmenter_input
     from covidcxr.transforms.resize import resize_image
 
@@ -75,11 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         cleaned[~binary & (small == 1)] = 1.0
         return resize_image(cleaned, image.shape)
 
+    def disc(radius: float) -> np.ndarray:  # the offsets within the radius, as dilate_disc measures them
+        r = int(np.ceil(radius)) + 1
+        point = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
+        point[r, r] = 0
+        return (cv2.distanceTransform(point, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius).astype(np.uint8)
+
     def keep(up: np.ndarray, tau: float) -> np.ndarray:
         radius = dilate * max(up.shape)
         if tau == 0:
             return dilate_disc(up >= t, radius).astype(np.float32)
-        grey = cv2.dilate(up.astype(np.float32), _disc(float(radius)), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        grey = cv2.dilate(up.astype(np.float32), disc(radius), borderType=cv2.BORDER_CONSTANT, borderValue=0)
         return np.clip((grey - t) / tau + 0.5, 0.0, 1.0).astype(np.float32)
 
     def probs(images: list[np.ndarray], ups: list[np.ndarray], tau: float) -> np.ndarray:

