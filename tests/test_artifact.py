@@ -344,3 +344,11 @@ def test_mask_cache_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, mask)
     assert flags == ["small_lungs"]
     assert MaskCache(tmp_path, "cd" * 32).get("/data/a.png") is None  # other segmenter, other masks
+
+
+def test_copy_of_the_shipped_model_keeps_its_gate(tmp_path: Path) -> None:
+    """A copied artifact carries the files its config points to: the mirror check and the OOD reference load."""
+    from covidcxr.classification.artifact import shipped_model_dir
+
+    art = load_artifact(copy_artifact(shipped_model_dir(), tmp_path / "copy"), "cpu")
+    assert art.mirror_check is not None and art.ood_reference is not None

@@ -26,6 +26,8 @@ import pandas as pd
 
 from covidcxr import __version__
 from covidcxr.classification.inference import Artifact, EnsembleArtifact, ModelArtifact
+from covidcxr.classification.mirror import MIRROR_FILE
+from covidcxr.classification.ood import REFERENCE_FILE
 from covidcxr.errors import ConfigError, ModelError
 from covidcxr.io.files import file_sha256, write_json
 from covidcxr.vocab import LABELS
@@ -43,7 +45,7 @@ VAL_PREDICTIONS_FILE = "val_predictions.csv"
 SEGMENTER_DIR = "segmenter"
 MEMBERS_DIR = "members"
 # Files that make up a classifier artifact (a training run directory holds more: checkpoints, logs, masks).
-ARTIFACT_ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, VAL_PREDICTIONS_FILE, SEGMENTER_DIR, "ood_reference.npz")
+ARTIFACT_ENTRIES = (CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, VAL_PREDICTIONS_FILE, SEGMENTER_DIR, REFERENCE_FILE, MIRROR_FILE)
 _REQUIRED_KEYS = ("arch", "input_size", "normalization", "seg_mode", "threshold", "weights_sha256")
 
 
