@@ -16,7 +16,7 @@ from pydicom import uid
 
 from covidcxr.errors import ConfigError, ImageReadError, ImageTooLargeError, UnsupportedImageError
 from covidcxr.io.dicom import write_dicom
-from covidcxr.io.files import save_png
+from covidcxr.io.files import save_png, unique_names
 from covidcxr.io.image import ImageMeta, load_image, load_image_bytes
 
 
@@ -379,3 +379,13 @@ def test_float_tiff_nan_becomes_zero(tmp_path: Path, gray: np.ndarray, scale: fl
     if scale == 1.0:
         keep = np.isfinite(data)
         np.testing.assert_array_equal(image[keep], data[keep])
+
+
+@pytest.mark.parametrize(("names", "first", "expected"), [
+    (["a", "b", "a", "a"], 2, ["a", "b", "a_2", "a_3"]),
+    (["a", "a", "a_2"], 2, ["a", "a_2", "a_2_2"]),  # a later plain name that a renamed one took
+    (["scan", "scan", "scan_1"], 1, ["scan", "scan_1", "scan_1_1"]),
+])
+def test_unique_names_never_repeat(names: list[str], first: int, expected: list[str]) -> None:
+    got = unique_names(names, first=first)
+    assert got == expected and len(set(got)) == len(got)

@@ -74,6 +74,20 @@ def read_npz(path: str | os.PathLike[str], keys: tuple[str, ...], what: str) -> 
         raise ModelError(f"{path}: cannot read the {what} ({exc})") from exc
 
 
+def unique_names(names: list[str], *, first: int = 2) -> list[str]:
+    """Each name, or ``<name>_<n>`` with the smallest ``n >= first`` not yet taken when the name is (output files of
+    a batch must not overwrite each other: ``a, a, a_2`` -> ``a, a_2, a_2_2``)."""
+    used: set[str] = set()
+    out = []
+    for name in names:
+        new, n = name, first
+        while new in used:
+            new, n = f"{name}_{n}", n + 1
+        used.add(new)
+        out.append(new)
+    return out
+
+
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """SHA-256 hex digest of a file, read in chunks (the identity of weights files in configs and indexes).
 

@@ -11,6 +11,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from covidcxr.errors import ConfigError, CxrError
+from covidcxr.io.files import unique_names
 from covidcxr.segmentation.segmenter import LungSegmenter
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,8 @@ def _collect_inputs(source: str | os.PathLike[str]) -> list[tuple[str, str]]:
         images, names = [str(path)], [path.stem]
     else:
         raise ImageReadError(path, "file or folder not found")
-    seen: dict[str, int] = {}
-    unique = []
-    for name in names:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "image"
-        count = seen.get(safe, 0)
-        seen[safe] = count + 1
-        unique.append(safe if count == 0 else f"{safe}_{count}")
-    return list(zip(images, unique))
+    safe = ["".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "image" for name in names]
+    return list(zip(images, unique_names(safe, first=1), strict=True))
 
 
 def predict_to_dir(

@@ -63,17 +63,16 @@ def explain_files(
 
 
 def output_stems(image_paths: list[str | Path]) -> list[str]:
-    """The name each image's outputs start with: its file stem, or ``<stem>_<n>`` for the n-th (n >= 2) image of the
-    batch with that stem (``a/scan.png`` and ``b/scan.png`` must not overwrite each other's outputs)."""
-    seen: dict[str, int] = {}
-    stems = []
-    for path in image_paths:
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
-        if seen[stem] > 1:
-            log.warning("%s: another input has the name %r; its outputs are named %r", path, stem, stems[-1])
-    return stems
+    """The name each image's outputs start with: its file stem, or ``<stem>_<n>`` when an earlier image of the batch
+    took that name (``a/scan.png`` and ``b/scan.png`` must not overwrite each other's outputs)."""
+    from covidcxr.io.files import unique_names
+
+    stems = [Path(path).stem for path in image_paths]
+    unique = unique_names(stems)
+    for path, stem, new in zip(image_paths, stems, unique, strict=True):
+        if new != stem:
+            log.warning("%s: another input has the name %r; its outputs are named %r", path, stem, new)
+    return unique
 
 
 def _explain_one(artifact: Any, image_path: str | Path, out: Path, mask_path: str | Path | None, segmenter: Any,
