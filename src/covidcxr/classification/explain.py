@@ -105,7 +105,7 @@ def explanation_from(
 
 
 def cam_forward(
-    member: Any, x: Any, target_class: int = POSITIVE_CLASS
+    member: Any, x: Any, target_class: int = POSITIVE_CLASS, *, mirror: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """One forward pass of a classifier: logit margin, embedding, heat-map grid and (when the model has a mirror
     check) mirror score together (no autograd).
@@ -119,6 +119,7 @@ def cam_forward(
         member: A loaded :class:`~covidcxr.classification.inference.ModelArtifact`.
         x: Its preprocessed input ``(1, 1, S, S)``.
         target_class: Class to explain.
+        mirror: Also score the mirror check (ensembles skip it: the check is a single model's).
 
     Returns:
         ``(margin (1,), L2-normalised embedding (1, D), grid S x S in [0, 1], mirror score (1,) or None)``.
@@ -131,7 +132,7 @@ def cam_forward(
     n_classes = int(member.config.get("num_classes", 2))
     if not 0 <= int(target_class) < n_classes:
         raise ConfigError(f"target_class={target_class}: the model has classes 0..{n_classes - 1}")
-    check = member.mirror_check
+    check = member.mirror_check if mirror else None
     out = member.run_network(x, ["logits", "embedding", "class_maps"] + (["feature_map"] if check is not None else []))
     logits = out["logits"].astype(np.float64)
     margin = logits[:, 1] - logits[:, 0]
@@ -174,7 +175,7 @@ def member_heatmap(
     """
     by_key, qc = member.member_masks([image], [mask])
     used = by_key.get(member.segmenter_key) if member.segmenter_key else None
-    _, _, grid, _ = cam_forward(member, member.preprocess_batch([image], used, qc), target_class)
+    _, _, grid, _ = cam_forward(member, member.preprocess_batch([image], used, qc), target_class, mirror=False)
     return to_image_geometry(grid, image, used[0] if used else None, member.seg_mode)
 
 

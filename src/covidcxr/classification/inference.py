@@ -191,10 +191,10 @@ class BaseArtifact:
         else:
             kinds = check_inputs(images) if images is not None else [None] * len(pred.qc_flags)
         check = self.mirror_check
-        mirrored = (check.mirrored(pred.mirror_scores) if check is not None and pred.mirror_scores is not None
+        mirrored = (check.mirrored(pred.mirror_scores).tolist() if check is not None and pred.mirror_scores is not None
                     else [None] * len(pred.qc_flags))
         return [gate(list(q), None if dist is None else float(dist[i]), None if ref is None else ref.threshold,
-                     kinds[i], None if mirrored[i] is None else bool(mirrored[i]))
+                     kinds[i], mirrored[i])
                 for i, q in enumerate(pred.qc_flags)]
 
     def labels(self, prob: np.ndarray) -> list[str]:
@@ -285,12 +285,12 @@ class BaseArtifact:
                               f"{len(self.members)}")
         margins, embs, mirror = [], [], None
         for m, x in zip(self.members, prepared.inputs, strict=True):
-            margin, emb, mirror = m.forward(x, bf16=bf16, features=embeddings, batch_size=batch_size)
+            margin, emb, mirror = m.forward(x, bf16=bf16, features=embeddings, batch_size=batch_size,
+                                            mirror=len(self.members) == 1)
             margins.append(margin)
             embs.append(emb)
         self._last_qc = prepared.qc_flags
-        return self._combine(margins, embs if embeddings else None, prepared.qc_flags, prepared.masks, None,
-                             mirror if len(self.members) == 1 else None)
+        return self._combine(margins, embs if embeddings else None, prepared.qc_flags, prepared.masks, None, mirror)
 
     def analyze(
         self, image: np.ndarray, mask: np.ndarray | None = None, *, explain: bool = True, target_class: int = 1
@@ -311,17 +311,17 @@ class BaseArtifact:
         """
         from covidcxr.classification.explain import cam_forward, to_image_geometry
 
-        image = check_gray(image, 0)
-        by_key, qc = self.member_masks([image], [mask])
+        prepared = self.prepare([image], [mask])
+        image, by_key, qc = prepared.images[0], prepared.masks, prepared.qc_flags
+        single = len(self.members) == 1  # the mirror check is a single model's
         margins, embs, heats, mirror = [], [], [], None
-        for m in self.members:
-            used = by_key.get(m.segmenter_key) if m.segmenter_key else None
-            x = m.preprocess_batch([image], used, qc)
+        for m, x in zip(self.members, prepared.inputs, strict=True):
             if explain:
-                margin, emb, grid, mirror = cam_forward(m, x, target_class)
+                used = by_key.get(m.segmenter_key) if m.segmenter_key else None
+                margin, emb, grid, mirror = cam_forward(m, x, target_class, mirror=single)
                 heats.append(to_image_geometry(grid, image, used[0] if used else None, m.seg_mode))
             else:
-                margin, emb, mirror = m.forward(x, features=True)
+                margin, emb, mirror = m.forward(x, features=True, mirror=single)
             margins.append(margin)
             embs.append(emb)
         heat = None
@@ -330,8 +330,7 @@ class BaseArtifact:
             top = float(heat.max(initial=0.0))
             heat = (heat / top if top > 0 else heat).astype(np.float32)
         self._last_qc = qc
-        return self._combine(margins, embs, qc, by_key, [heat] if explain else None,
-                             mirror if len(self.members) == 1 else None)
+        return self._combine(margins, embs, qc, by_key, [heat] if explain else None, mirror)
 
     def _combine(self, margins: list[np.ndarray], embs: list[np.ndarray] | None, qc: list[list[str]],
                  by_key: dict[str, Masks], heatmaps: list[np.ndarray] | None,
@@ -515,11 +514,12 @@ class ModelArtifact(BaseArtifact):
         return margin, emb
 
     def forward(
-        self, batch: Any, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
+        self, batch: Any, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32,
+        mirror: bool = True,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """:meth:`forward_margins` plus, with ``features`` and a mirror check, each image's mirror score from the same
-        pass (``(margins, embeddings or None, mirror scores or None)``)."""
-        check = self.mirror_check if features else None
+        """:meth:`forward_margins` plus, with ``features``, ``mirror`` and a mirror check, each image's mirror score
+        from the same pass (``(margins, embeddings or None, mirror scores or None)``)."""
+        check = self.mirror_check if features and mirror else None
         if len(batch) == 0:
             return (np.zeros(0, dtype=np.float64),
                     np.zeros((0, self.num_features), np.float32) if features else None,

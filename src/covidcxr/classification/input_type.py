@@ -257,13 +257,14 @@ class InputTypeClassifier:
         x = np.atleast_2d(np.asarray(features, dtype=np.float64))
         if x.shape[1] != len(self.mean_):
             raise ConfigError(f"{x.shape[1]} features; the classifier was fitted on {len(self.mean_)}")
-        hidden = np.maximum(((x - self.mean_) / self.scale_) @ self.weights_[0] + self.biases_[0], 0.0)
+        xs = (x - self.mean_) / self.scale_
+        hidden = np.maximum(xs @ self.weights_[0] + self.biases_[0], 0.0)
         logits = hidden @ self.weights_[1] + self.biases_[1]
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
         probs = e / e.sum(axis=1, keepdims=True)
         if len(self.ct_coef_):
-            z = ((x[:, -N_CT_FEATURES:] - self.mean_[-N_CT_FEATURES:]) / self.scale_[-N_CT_FEATURES:]) @ self.ct_coef_
+            z = xs[:, -N_CT_FEATURES:] @ self.ct_coef_
             not_ct = 1.0 / (1.0 + np.exp(np.clip(z + self.ct_intercept_, -500, 500)))
             excess = np.maximum(probs[:, 0] - not_ct, 0.0)
             probs[:, 0] -= excess
@@ -311,13 +312,14 @@ class InputTypeClassifier:
             meta = json.loads(stem.with_suffix(".json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelError(f"{stem}.json: cannot read the input-type classifier ({exc})") from exc
-        arrays = read_npz(stem.with_suffix(".npz"), ("mean", "scale", "w0", "b0", "w1", "b1", "ct_coef",
-                                                     "ct_intercept"), "input-type classifier")
+        # The version first: an older file lacks arrays this version reads, and the refit command is the answer.
         saved = (meta.get("kinds"), meta.get("thumb"), meta.get("feature_version", 1))
         if (tuple(saved[0] or ()), saved[1], saved[2]) != (KINDS, THUMB, FEATURE_VERSION):
             raise ModelError(f"{stem}.json: saved for kinds {saved[0]} / thumbnail {saved[1]} / features version "
                              f"{saved[2]}, this version expects {list(KINDS)} / {THUMB} / {FEATURE_VERSION} (refit: "
                              "python benchmarks/input_gate.py --part type --install)")
+        arrays = read_npz(stem.with_suffix(".npz"), ("mean", "scale", "w0", "b0", "w1", "b1", "ct_coef",
+                                                     "ct_intercept"), "input-type classifier")
         obj = cls(hidden=int(meta["hidden"]), alpha=float(meta["alpha"]), threshold=float(meta["threshold"]),
                   ct_check=bool(meta.get("ct_check", True)))
         obj.mean_, obj.scale_ = arrays["mean"], arrays["scale"]

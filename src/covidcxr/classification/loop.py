@@ -16,7 +16,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,7 +291,7 @@ _DONE = object()
 
 
 def pipelined(items: Iterable[Any], stages: Sequence[Callable[[Any], Any]], *,
-              in_flight: int | None = None) -> Iterator[Any]:
+              in_flight: int | None = None) -> Generator[Any, None, None]:
     """Yield ``stages[-1](...stages[0](item))`` for each item, in order, each stage running in its own thread.
 
     At most ``in_flight`` items are between the start of the first stage and the caller's next request (default:
@@ -426,11 +426,11 @@ def predict_manifest(
     rows_all = df.reset_index(drop=True)
     steps = _Stages(artifact, rows_all, num_workers=num_workers, on_error=on_error, mask_dir=mask_dir,
                     embeddings=embeddings, gating=gating, bf16=bf16)
-    chunks = [_Chunk(start, len(rows_all.iloc[start : start + batch_size]))
+    chunks = [_Chunk(start, min(batch_size, len(rows_all) - start))
               for start in range(0, len(rows_all), batch_size)]
     front = (steps.decode, steps.unet, steps.prepare)
     if pipeline and len(chunks) > 1:
-        done: Iterator[_Chunk] = pipelined(chunks, front)
+        done: Generator[_Chunk, None, None] = pipelined(chunks, front)
     else:
         done = (steps.prepare(steps.unet(steps.decode(c))) for c in chunks)
     try:
@@ -444,9 +444,7 @@ def predict_manifest(
                           zip(sorted(set(range(chunk.n_rows)) - set(chunk.ok)), chunk.bad, strict=True))
             steps.classify(chunk, out_lists)
     finally:
-        close = getattr(done, "close", None)
-        if close is not None:
-            close()
+        done.close()  # stops the pipeline's threads when the loop ends early
     probs, raws, embs, qcs, kept, problems, gates = out_lists
     if problems:
         if not kept and on_error == "skip":

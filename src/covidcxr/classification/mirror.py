@@ -15,15 +15,12 @@ with its settings in ``config.json`` (``"mirror"``); a model without one has no 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from covidcxr.errors import ConfigError, ModelError, NotFittedError
-
-log = logging.getLogger(__name__)
 
 MIRROR_FILE = "mirror_check.npz"
 REASON = "looks_mirrored"

@@ -130,15 +130,20 @@ def _console() -> Any:
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
-def _report_unreadable(unreadable: list[dict[str, Any]], where: Path) -> int:
-    """One line per image left out, and the batch exit status (README: 1 when any input could not be read)."""
+def _not_in(where: Path) -> str:
+    return f" and are not in {where} (listed there: build info / unreadable-*.json)"
+
+
+def _report_unreadable(unreadable: list[dict[str, Any]], summary: str) -> int:
+    """One line per image left out (by manifest row or split), ``summary`` after them, and the batch exit status
+    (README: 1 when any input could not be read)."""
     from covidcxr.service.jobs import batch_exit_code
 
     for bad in unreadable:
-        log.error("left out (manifest row %s): %s", bad["row"], bad["reason"])
+        where = f"manifest row {bad['row']}" if "row" in bad else f"{bad['split']} split"
+        log.error("left out (%s): %s", where, bad["reason"])
     if unreadable:
-        log.error("%d image(s) could not be read and are not in %s (listed there: build info / unreadable-*.json)",
-                  len(unreadable), where)
+        log.error("%d image(s) could not be read%s", len(unreadable), summary)
     return batch_exit_code(["error"] * len(unreadable))
 
 
@@ -169,7 +174,7 @@ def _embed(args: argparse.Namespace, out: Path) -> Any:
 def _cmd_embed(args: argparse.Namespace) -> int:
     args.model = model_dir(args.model)
     summary = _embed(args, args.out)
-    return _report_unreadable(summary.unreadable, args.out) if summary.rank == 0 else 0
+    return _report_unreadable(summary.unreadable, _not_in(args.out)) if summary.rank == 0 else 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -200,7 +205,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         console.print(_summary(index))
         from covidcxr.retrieval.shards import unreadable_rows
 
-        return _report_unreadable(unreadable_rows(args.from_embeddings), args.out)
+        return _report_unreadable(unreadable_rows(args.from_embeddings), _not_in(args.out))
     args.model = model_dir(args.model)
     index = jobs.build_index(args.model, args.manifest, args.out, split=args.split, device=args.device,
                              pca_dim=args.pca_dim, whiten=args.whiten, kind=args.kind, thumbnails=args.thumbnails,
@@ -210,7 +215,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"index: {args.out}")
     console.print(_summary(index))
-    return _report_unreadable(index.build_info.get("unreadable", []), args.out)
+    return _report_unreadable(index.build_info.get("unreadable", []), _not_in(args.out))
 
 
 def _cmd_add(args: argparse.Namespace) -> int:
@@ -224,7 +229,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
     console.print(f"added {n} case(s) to {args.index}")
     console.print(_summary(index))
     additions = index.build_info.get("additions", [])
-    return _report_unreadable(additions[-1].get("unreadable", []) if n and additions else [], args.index)
+    return _report_unreadable(additions[-1].get("unreadable", []) if n and additions else [], _not_in(args.index))
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -256,14 +261,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         (args.out / "retrieval.md").write_text(retrieval_markdown(
             result, intro=f"Model `{args.model}` ({model_hash[:12]}), manifest `{args.manifest}`."))
         console.print(f"wrote {args.out / 'retrieval.json'} and retrieval.md")
-    unreadable = result.get("unreadable", [])
-    for bad in unreadable:
-        log.error("left out (%s split): %s", bad["split"], bad["reason"])
-    if unreadable:
-        log.error("%d image(s) could not be read: the figures are of the other %d%s", len(unreadable),
-                  result["embedding"]["images"],
-                  f" (the files are listed in {args.out / 'retrieval.json'})" if args.out is not None else "")
-    return jobs.batch_exit_code(["error"] * len(unreadable))  # README: 1 when any input could not be read
+    listed = f" (the files are listed in {args.out / 'retrieval.json'})" if args.out is not None else ""
+    return _report_unreadable(result.get("unreadable", []),
+                              f": the figures are of the other {result['embedding']['images']}{listed}")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
