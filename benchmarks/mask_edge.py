@@ -49,12 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from covidcxr.classification.artifact import load_artifact, shipped_model_dir
     from covidcxr.classification.loop import decode_images
-    from covidcxr.evaluation.calibration import apply_temperature
     from covidcxr.io.files import write_json
     from covidcxr.models.export import _UnetGraph
-    from covidcxr.segmentation.segmenter import postprocess
+    from covidcxr.segmentation.segmenter import upsampled_probability
     from covidcxr.segmentation.weights import load_unet
-    from covidcxr.transforms.lung import dilate_disc
     from covidcxr.transforms.preprocess import segmenter_input
     from covidcxr.transforms.resize import resize_image
 
@@ -68,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     t = float(cfg["threshold"])
     dilate = 0.03  # apply_seg_mode's default, as the shipped model uses it
 
-    def upsampled(image: np.ndarray, prob: np.ndarray) -> np.ndarray:  # as Segmenter._result cleans and upsamples
-        small = postprocess(prob, t)
-        cleaned, binary = prob.copy(), prob >= t
-        cleaned[binary & (small == 0)] = 0.0
-        cleaned[~binary & (small == 1)] = 1.0
-        return resize_image(cleaned, image.shape)
+    def upsampled(image: np.ndarray, prob: np.ndarray) -> np.ndarray:  # the segmenter's own cleaning + upsampling
+        return upsampled_probability(prob, t, image.shape)[1]
 
     def disc(radius: float) -> np.ndarray:  # the offsets within the radius, as dilate_disc measures them
         r = int(np.ceil(radius)) + 1
@@ -81,17 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         point[r, r] = 0
         return (cv2.distanceTransform(point, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) <= radius).astype(np.uint8)
 
-    def keep(up: np.ndarray, tau: float) -> np.ndarray:
-        radius = dilate * max(up.shape)
-        if tau == 0:
-            return dilate_disc(up >= t, radius).astype(np.float32)
-        grey = cv2.dilate(up.astype(np.float32), disc(radius), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    def keep(up: np.ndarray, tau: float) -> np.ndarray:  # the ramp (tau > 0)
+        grey = cv2.dilate(up.astype(np.float32), disc(dilate * max(up.shape)), borderType=cv2.BORDER_CONSTANT,
+                          borderValue=0)
         return np.clip((grey - t) / tau + 0.5, 0.0, 1.0).astype(np.float32)
 
     def probs(images: list[np.ndarray], ups: list[np.ndarray], tau: float) -> np.ndarray:
-        size = int(art.config["input_size"])
-        x = np.clip(np.stack([resize_image(im * keep(u, tau), size) for im, u in zip(images, ups, strict=True)]), 0, 1)
-        return apply_temperature(art.forward_margins(x[:, None])[0], art.temperature)
+        if tau == 0:  # the product's own preprocessing of the binary mask
+            x = art.preprocess_batch(images, [(u >= t).astype(np.uint8) for u in ups])
+        else:
+            size = int(art.config["input_size"])
+            x = np.clip(np.stack([resize_image(im * keep(u, tau), size) for im, u in zip(images, ups, strict=True)]),
+                        0, 1)[:, None]
+        return art.forward_batches(x)[0]
 
     got: dict[tuple[str, float], list[np.ndarray]] = {}
     for start in range(0, len(paths), 50):

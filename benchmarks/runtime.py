@@ -228,14 +228,13 @@ for i in range(0, len(paths), 16):
     with torch.inference_mode():
         x = prepare_batch(ims, cfg).contiguous(memory_format=torch.channels_last)
         p_torch = torch.sigmoid(unet(x))[:, 0].numpy()
+        res_o, res_t = seg.postprocess_batch(ims, p_onnx), seg.postprocess_batch(ims, p_torch)
         # The classifiers alone: torch float32 and ONNX Runtime on the very same inputs (the ONNX path's masks).
-        xc = art.preprocess_batch(ims, [r.mask for r in seg.postprocess_batch(ims, p_onnx)])
+        xc = art.preprocess_batch(ims, [r.mask for r in res_o])
         lt = cls(torch.from_numpy(xc)).double().numpy()
-    m_onnx = art.forward_margins(xc)[0]
-    same_input_dp.append(np.abs(apply_temperature(m_onnx, art.temperature)
-                                - apply_temperature(lt[:, 1] - lt[:, 0], art.temperature)))
-    for im, po, pt, path in zip(ims, p_onnx, p_torch, paths[i:i + 16]):
-        mo, mt = seg._result(im, po).mask, seg._result(im, pt).mask
+    same_input_dp.append(np.abs(art.forward_batches(xc)[0] - apply_temperature(lt[:, 1] - lt[:, 0], art.temperature)))
+    for im, ro, rt, po, pt, path in zip(ims, res_o, res_t, p_onnx, p_torch, paths[i:i + 16]):
+        mo, mt = ro.mask, rt.mask
         diff = int((mo != mt).sum())
         dm = 0.0
         if diff:
@@ -457,8 +456,8 @@ def cpu_line(ip: dict[str, Any]) -> str:
         return ""
     return (f" CPU seconds (user + system, medians): loop {c['manifest_loop']:.1f}, bare networks "
             f"{c['unet'] + c['classifier']:.1f} (U-Net {c['unet']:.1f} + classifier {c['classifier']:.1f}): the loop's "
-            f"wall time is its CPU time over the {os.cpu_count()} cores, so overlap cannot hide the work outside the "
-            "networks here.")
+            f"wall time is about its CPU time over the cores, so overlap cannot hide the work outside the networks "
+            "here.")
 
 
 def in_process_only(args: argparse.Namespace, paths_file: Path, env: dict[str, str], tmp: Path,

@@ -565,8 +565,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="backbone[@mode] entries; a bare name runs on every mode")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--out", default=str(RESULTS / "shortcut_heads.json"))
+    p.add_argument("--out", default=None, help="results JSON (default: results/shortcut_origin.json, "
+                   "shortcut_mirror_invariant.json for those stages, else shortcut_heads.json)")
     args = p.parse_args(argv)
+    if args.out is None:
+        stem = args.stage if args.stage in ("origin", "mirror_invariant") else "heads"
+        args.out = str(RESULTS / f"shortcut_{stem}.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.stage == "report":
         files = sorted(RESULTS.glob("shortcut_heads*.json")) + sorted(RESULTS.glob("shortcut_partial*.json"))
@@ -604,8 +608,9 @@ def main(argv: list[str] | None = None) -> int:
         images = image_cache(df, "mask", 224, work)
         aug = acquisition_augment(images, 0, work, "mask_224")
         x, xa = features(images, "lite0", "mask_224", work)["final"], features(aug, "lite0", "mask_224_aug0", work)["final"]
-        xf = features(np.ascontiguousarray(images[..., ::-1]), "lite0", "mask_224_flip", work)["final"]
-        xaf = features(np.ascontiguousarray(aug[..., ::-1]), "lite0", "mask_224_aug0_flip", work)["final"]
+        # Views: features() makes each batch contiguous, and skips the images altogether when cached.
+        xf = features(images[..., ::-1], "lite0", "mask_224_flip", work)["final"]
+        xaf = features(aug[..., ::-1], "lite0", "mask_224_aug0_flip", work)["final"]
         y = (df["label"] == "covid").to_numpy().astype(int)
         src = df["source"].astype(str).to_numpy()
         both = as_flags(df["source_has_both_labels"])

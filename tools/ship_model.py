@@ -104,9 +104,8 @@ def product_inputs(art: Any, df: pd.DataFrame, *, mirror: bool, work: Path, batc
         images = [load_image(q)[0] for q in df["image"].iloc[s : s + batch]]
         if mirror:
             images = [np.ascontiguousarray(im[:, ::-1]) for im in images]
-        by_key, qc = art.member_masks(images)
-        out.append(art.preprocess_batch(images, by_key.get(art.segmenter_key), qc))
-    arr = np.concatenate(out).astype(np.float32)
+        out.append(art.prepare(images).inputs[0])  # what predict computes before the network
+    arr = np.concatenate(out)
     np.save(path.with_suffix(".tmp.npy"), arr)
     path.with_suffix(".tmp.npy").replace(path)
     return arr
@@ -305,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         indent=1, default=float) + "\n")
 
     # The network as shipped must give what the heads computed.
-    art = load_artifact(run, "cpu")  # again: now with its mirror check
+    art = load_artifact(run, "cpu")  # again: the written config and mirror_check.npz must load
+    if art.mirror_check is None:
+        raise SystemExit(f"{run}: the written artifact has no mirror check")
     pick = np.arange(0, len(df), max(1, len(df) // 64))
     got, _ = art.forward_margins(torch.from_numpy(np.array(images[pick])), bf16=False)
     want = head.decision_function(x[pick])

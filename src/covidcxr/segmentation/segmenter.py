@@ -160,6 +160,26 @@ def postprocess(prob: np.ndarray, threshold: float = 0.5, *, keep: int = 2, min_
     return _fill_holes(mask).astype(np.uint8)
 
 
+def upsampled_probability(prob: np.ndarray, threshold: float, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The post-processed mask at the U-Net's size and the cleaned probabilities upsampled to ``shape`` (the full-size
+    mask is ``up >= threshold``).
+
+    The probabilities are cleaned with the small mask, then upsampled (not the binary mask) so the outline at full
+    size stays smooth: specks removed -> 0, filled holes -> 1, lung borders keep their values.
+
+    Returns:
+        ``(small uint8 mask, up float32 of shape)``.
+    """
+    from covidcxr.transforms.resize import resize_image
+
+    small = postprocess(prob, threshold)
+    cleaned = prob.copy()
+    binary = prob >= threshold
+    cleaned[binary & (small == 0)] = 0.0
+    cleaned[~binary & (small == 1)] = 1.0
+    return small, resize_image(cleaned, (int(shape[0]), int(shape[1])))
+
+
 def qc_flags(mask: np.ndarray, *, prob: np.ndarray | None = None, image: np.ndarray | None = None) -> list[str]:
     """Quality-control flags for a lung mask (and optionally its probabilities and image).
 
@@ -377,17 +397,8 @@ class LungSegmenter:
             return list(pool.map(lambda pair: self._result(*pair), pairs))
 
     def _result(self, image: np.ndarray, prob: np.ndarray) -> SegResult:
-        from covidcxr.transforms.resize import resize_image
-
         threshold = float(self.config["threshold"])
-        small = postprocess(prob, threshold)
-        # Clean the probabilities with the small mask, then upsample them (not the binary mask) so the outline
-        # at full size stays smooth: specks removed -> 0, filled holes -> 1, lung borders keep their values.
-        cleaned = prob.copy()
-        binary = prob >= threshold
-        cleaned[binary & (small == 0)] = 0.0
-        cleaned[~binary & (small == 1)] = 1.0
-        up = resize_image(cleaned, image.shape)
+        small, up = upsampled_probability(prob, threshold, image.shape)
         mask = (up >= threshold).astype(np.uint8)
         flags = qc_flags(small, prob=prob, image=image)
         confidence = float(prob[small > 0].mean()) if small.any() else 0.0

@@ -84,7 +84,8 @@ def dilate_disc(mask: np.ndarray, radius: float) -> np.ndarray:
     exact transform, the same set as SciPy's EDT), computed over the mask's bounding box plus ``radius`` only.
 
     The transform costs the same for any radius; a dilation by the disc costs its diameter per pixel, and the radius
-    grows with the image (3 % of its side): 2.2 s against 0.06 s for a 3000 x 3600 image, the same pixels.
+    grows with the image (3 % of its side): 2.2 s against 0.06 s for a 3000 x 3600 image, the same pixels. The box
+    saves about half of a whole-image transform.
 
     Args:
         mask: Boolean ``H x W`` array.
