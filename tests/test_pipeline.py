@@ -79,6 +79,23 @@ def test_pipelined_loop_equals_serial(toy, rows: pd.DataFrame, tmp_path: Path, o
             assert png.read_bytes() == (b / png.name).read_bytes()
 
 
+def test_loop_equals_one_image_at_a_time(toy, rows: pd.DataFrame) -> None:
+    # The loop splits each network call over single-threaded sessions and runs OpenCV/BLAS single-threaded
+    # (covidcxr.runtime); one image at a time (analyze: one session, the libraries' own threads) gives the same
+    # probabilities and embeddings bit for bit, and the loop leaves the libraries' thread settings as it found them.
+    import cv2
+
+    art = load_artifact(toy.model_dir, "cpu")
+    good = rows.drop(index=BAD_ROW).head(6).reset_index(drop=True)
+    before = cv2.getNumThreads()
+    table, emb = predict_manifest(art, good, batch_size=4, num_workers=2, embeddings=True)
+    assert cv2.getNumThreads() == before
+    for i, image in enumerate(_decode(good["image"].tolist())):
+        one = art.analyze(image, explain=False)
+        assert float(one.prob[0]) == table.loc[i, "prob"]
+        assert one.embeddings[0].tobytes() == emb[i].tobytes()
+
+
 def test_pipelined_loop_reports_an_unreadable_file_mid_batch(toy, rows: pd.DataFrame) -> None:
     table, _ = _run(toy, rows, pipeline=True, on_error="report")
     assert table["image"].tolist() == rows["image"].tolist()

@@ -95,6 +95,39 @@ def test_run_checks_outputs_and_shapes(unet_dir) -> None:
         net.run(x[0])
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("split", [2, 3, 8])
+def test_split_runs_give_the_same_outputs(unet_dir, n: int, split: int) -> None:
+    # A batch split over single-threaded sessions gives each image's outputs bit for bit as one session does.
+    folder, _, _ = unet_dir
+    net = OnnxNetwork(folder / "lung_unet.onnx", threads=2)
+    x = np.random.default_rng(n).random((n, 1, 32, 32), dtype=np.float32)
+    whole = net.run(x)["logits"]
+    got = net.run(x, split=split, batch_size=2)["logits"]
+    assert got.shape == whole.shape and got.tobytes() == whole.tobytes()
+    with pytest.raises(ConfigError, match="split=0"):
+        net.run(x, split=0)
+    with pytest.raises(ConfigError, match="split=True"):
+        net.run(x, split=True)
+
+
+def test_kernel_threads_sets_and_restores_opencv_and_blas() -> None:
+    import cv2
+    from threadpoolctl import threadpool_info
+
+    from covidcxr.runtime import kernel_threads
+
+    before = cv2.getNumThreads()
+    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    with kernel_threads(1):
+        assert cv2.getNumThreads() == 1
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    assert cv2.getNumThreads() == before
+    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
+    with pytest.raises(ConfigError, match="kernel threads n=0"), kernel_threads(0):
+        pass
+
+
 @pytest.mark.parametrize(("precision", "ok"), [("auto", True), ("fp32", True), ("bf16", False), ("fp16", False)])
 def test_inference_precision_is_float32(precision: str, ok: bool) -> None:
     if ok:

@@ -151,7 +151,7 @@ def test_components_and_hole_filling_match_scipy(seed: int) -> None:
     # Post-processing uses OpenCV (no SciPy import at start-up); it must label and fill exactly as SciPy did.
     from scipy import ndimage as ndi
 
-    from covidcxr.segmentation.segmenter import _component_stats, _fill_holes, _label
+    from covidcxr.segmentation.segmenter import _components, _fill_holes, _label, _mean_column
 
     rng = np.random.default_rng(seed)
     for _ in range(40):
@@ -159,9 +159,11 @@ def test_components_and_hole_filling_match_scipy(seed: int) -> None:
         labels, n = ndi.label(mask)
         got, m = _label(mask)
         assert m == n and np.array_equal(got, labels)
-        sizes, centroid_x = _component_stats(mask)  # QC's sizes and centroids, bit for bit as numpy computes them
+        got, sizes = _components(mask)  # QC's sizes and mean columns, bit for bit as numpy computes them
+        assert np.array_equal(got, labels)
         assert sizes.dtype == np.int64 and np.array_equal(sizes, np.bincount(labels.ravel())[1:])
-        assert centroid_x.tobytes() == np.array([np.nonzero(labels == i)[1].mean() for i in range(1, n + 1)]).tobytes()
+        cx = [_mean_column(labels, i) for i in range(1, n + 1)]
+        assert np.array(cx).tobytes() == np.array([np.nonzero(labels == i)[1].mean() for i in range(1, n + 1)]).tobytes()
         np.testing.assert_array_equal(_fill_holes(mask), ndi.binary_fill_holes(mask))
 
 

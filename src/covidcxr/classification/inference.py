@@ -278,15 +278,16 @@ class BaseArtifact:
         return Prepared(images, by_key, qc, inputs)
 
     def predict_prepared(self, prepared: Prepared, *, embeddings: bool = False, bf16: bool | None = None,
-                         batch_size: int = 32) -> Prediction:
-        """The classifier networks on a :meth:`prepare`-d batch (arguments as :meth:`predict`)."""
+                         batch_size: int = 32, split: int = 1) -> Prediction:
+        """The classifier networks on a :meth:`prepare`-d batch (arguments as :meth:`predict`; ``split`` as
+        :meth:`covidcxr.runtime.OnnxNetwork.run`)."""
         if len(prepared.inputs) != len(self.members):
             raise ConfigError(f"a batch prepared for {len(prepared.inputs)} networks, this model has "
                               f"{len(self.members)}")
         margins, embs, mirror = [], [], None
         for m, x in zip(self.members, prepared.inputs, strict=True):
             margin, emb, mirror = m.forward(x, bf16=bf16, features=embeddings, batch_size=batch_size,
-                                            mirror=len(self.members) == 1)
+                                            mirror=len(self.members) == 1, split=split)
             margins.append(margin)
             embs.append(emb)
         self._last_qc = prepared.qc_flags
@@ -489,12 +490,13 @@ class ModelArtifact(BaseArtifact):
 
     # -- inference --------------------------------------------------------------------------------------
     def run_network(self, batch: Any, outputs: Sequence[str], *, bf16: bool | None = None,
-                    batch_size: int = 32) -> dict[str, np.ndarray]:
-        """The exported network's named outputs for preprocessed inputs ``(N, 1, S, S)`` (float32)."""
+                    batch_size: int = 32, split: int = 1) -> dict[str, np.ndarray]:
+        """The exported network's named outputs for preprocessed inputs ``(N, 1, S, S)`` (float32; ``split`` as
+        :meth:`covidcxr.runtime.OnnxNetwork.run`)."""
         if bf16:
             check_precision("bf16")  # raises: inference is float32 on every CPU
         x = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
-        return self.network.run(x, outputs, batch_size=batch_size)
+        return self.network.run(x, outputs, batch_size=batch_size, split=split)
 
     def forward_margins(
         self, batch: Any, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32
@@ -515,10 +517,11 @@ class ModelArtifact(BaseArtifact):
 
     def forward(
         self, batch: Any, *, bf16: bool | None = None, features: bool = False, batch_size: int = 32,
-        mirror: bool = True,
+        mirror: bool = True, split: int = 1,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """:meth:`forward_margins` plus, with ``features``, ``mirror`` and a mirror check, each image's mirror score
-        from the same pass (``(margins, embeddings or None, mirror scores or None)``)."""
+        from the same pass (``(margins, embeddings or None, mirror scores or None)``; ``split`` as
+        :meth:`covidcxr.runtime.OnnxNetwork.run`)."""
         check = self.mirror_check if features and mirror else None
         if len(batch) == 0:
             return (np.zeros(0, dtype=np.float64),
@@ -526,7 +529,7 @@ class ModelArtifact(BaseArtifact):
                     np.zeros(0) if check is not None else None)
         names = ["logits", "embedding"] if features else ["logits"]
         out = self.run_network(batch, names + (["feature_map"] if check is not None else []), bf16=bf16,
-                               batch_size=batch_size)
+                               batch_size=batch_size, split=split)
         logits = out["logits"].astype(np.float64)
         margin = logits[:, 1] - logits[:, 0]
         mirror = check.scores(out["feature_map"]) if check is not None else None

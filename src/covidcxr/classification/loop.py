@@ -4,7 +4,10 @@ The loop is a bounded pipeline over chunks of rows (:func:`predict_manifest`): o
 resizes it for the U-Net, one runs the U-Net on chunk ``k+1`` and one post-processes its masks, preprocesses it for
 the classifier and checks what each input looks like, while the calling thread runs the classifier and the input
 gate on chunk ``k``. ONNX Runtime, OpenCV, Pillow and numpy release the GIL, so the stages overlap; each stage sees
-the same chunks in the same order as the serial loop (``pipeline=False``), so the results are identical.
+the same chunks in the same order as the serial loop (``pipeline=False``), so the results are identical. The
+networks run each chunk split over single-threaded sessions (:meth:`covidcxr.runtime.OnnxNetwork.run`), and OpenCV
+and BLAS run in the calling threads (:func:`covidcxr.runtime.kernel_threads`): the loop's threads already use the
+cores, and the libraries' own thread pools would only wait for each other.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from covidcxr.data.manifest import has_path
 from covidcxr.errors import ConfigError, CxrError, ImageError
 from covidcxr.io.files import write_json
 from covidcxr.io.image import read_mask
+from covidcxr.runtime import kernel_threads
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +219,11 @@ class _Stages:
         self.embeddings = embeddings
         self.gating = gating
         self.bf16 = bf16
+        # Each network call is split over the CPUs' single-threaded sessions (OnnxNetwork.run): a chunk is many
+        # images, and whole images in parallel waste less than every operator spread over the threads.
+        from covidcxr.device import available_cpus
+
+        self.split = available_cpus()
         self.caches = {key: MaskCache(mask_dir, key) for key in sorted(artifact.segmenter_keys)}
         # The first member with a given segmenter segments for all of them (as BaseArtifact.member_masks).
         self.segmenters = {m.segmenter_key: m for m in reversed(artifact.members) if m.segmenter_key is not None}
@@ -236,7 +245,7 @@ class _Stages:
     def unet(self, chunk: _Chunk) -> _Chunk:
         """The U-Net's forward pass on the images without a mask."""
         for key, x in chunk.unet_input.items():
-            chunk.probs[key] = self.segmenters[key].segmenter.forward(x)
+            chunk.probs[key] = self.segmenters[key].segmenter.forward(x, split=self.split)
         chunk.unet_input = {}
         return chunk
 
@@ -269,7 +278,8 @@ class _Stages:
         qc: list[list[str]] = [[] for _ in chunk.ok]
         for key in self.caches:
             qc = [sorted(set(a) | set(b)) for a, b in zip(qc, chunk.qc[key], strict=True)]
-        out = self.artifact.predict_prepared(chunk.prepared, embeddings=self.embeddings or self.gating, bf16=self.bf16)
+        out = self.artifact.predict_prepared(chunk.prepared, embeddings=self.embeddings or self.gating, bf16=self.bf16,
+                                             split=self.split)
         probs.append(out.prob)
         raws.append(out.prob_uncalibrated)
         out.qc_flags = [sorted(set(a) | set(b)) for a, b in zip(qc, out.qc_flags, strict=True)]
@@ -433,18 +443,20 @@ def predict_manifest(
         done: Generator[_Chunk, None, None] = pipelined(chunks, front)
     else:
         done = (steps.prepare(steps.unet(steps.decode(c))) for c in chunks)
-    try:
-        shown: Iterable[_Chunk] = done
-        if progress:  # tqdm only when shown: its import is ~5 % of a one-image predict
-            from tqdm.auto import tqdm
+    # The loop's own threads and ONNX Runtime's pool use the cores; OpenCV's and BLAS's pools would only spin.
+    with kernel_threads(1):
+        try:
+            shown: Iterable[_Chunk] = done
+            if progress:  # tqdm only when shown: its import is ~5 % of a one-image predict
+                from tqdm.auto import tqdm
 
-            shown = tqdm(done, total=len(chunks), desc="predict", unit="batch")
-        for chunk in shown:
-            failed.update((chunk.start + i, why) for i, why in
-                          zip(sorted(set(range(chunk.n_rows)) - set(chunk.ok)), chunk.bad, strict=True))
-            steps.classify(chunk, out_lists)
-    finally:
-        done.close()  # stops the pipeline's threads when the loop ends early
+                shown = tqdm(done, total=len(chunks), desc="predict", unit="batch")
+            for chunk in shown:
+                failed.update((chunk.start + i, why) for i, why in
+                              zip(sorted(set(range(chunk.n_rows)) - set(chunk.ok)), chunk.bad, strict=True))
+                steps.classify(chunk, out_lists)
+        finally:
+            done.close()  # stops the pipeline's threads when the loop ends early
     probs, raws, embs, qcs, kept, problems, gates = out_lists
     if problems:
         if not kept and on_error == "skip":

@@ -123,9 +123,10 @@ def load_image_bytes(
     else:
         image, meta = _read_pil(data, name, max_side)
     if image.dtype == np.float32 and image.flags.owndata and image.flags.writeable:
-        # A fresh float32 array (the usual case): the same NaN -> 0 and clipping, in place (two full-size copies less).
-        np.nan_to_num(image, copy=False, nan=0.0)
+        # A fresh float32 array (the usual case): the same NaN -> 0 and clipping, in place (two full-size copies less;
+        # clipping first sends +-inf to 1 / 0 as nan_to_num then clip did, and np.isnan is one pass, not five).
         np.clip(image, 0.0, 1.0, out=image)
+        np.copyto(image, np.float32(0.0), where=np.isnan(image))
     else:
         image = np.clip(np.nan_to_num(image, nan=0.0), 0.0, 1.0).astype(np.float32, copy=False)
     return np.ascontiguousarray(image), meta

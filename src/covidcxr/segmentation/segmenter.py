@@ -97,19 +97,16 @@ def _label(binary: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(n) - 1
 
 
-def _components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_label`'s labels with each component's pixel count (int64, as ``np.bincount`` of the labels) and mean
-    column, from one OpenCV pass (its centroid is the exact integer sum / count)."""
-    import cv2
-
-    _, labels, stats, centroids = cv2.connectedComponentsWithStats(np.ascontiguousarray(binary, dtype=np.uint8),
-                                                                   connectivity=4)
-    return labels, stats[1:, cv2.CC_STAT_AREA].astype(np.int64), centroids[1:, 0].astype(np.float64)
+def _components(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_label`'s labels and each component's pixel count (int64, ``np.bincount`` of the labels; about three
+    times faster than OpenCV's ``connectedComponentsWithStats``)."""
+    labels, n = _label(binary)
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
 
 
-def _component_stats(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel count and mean column of each 4-connected component, in :func:`_label`'s order."""
-    return _components(binary)[1:]
+def _mean_column(labels: np.ndarray, label: int) -> float:
+    """Mean column of one component: the exact integer sum / count (integers below 2**53 add up exactly)."""
+    return float(np.nonzero(labels == label)[1].mean())
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -124,8 +121,12 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free logistic
+    """Overflow-free logistic in float32, ``0.5 * (1 + tanh(x / 2))``, in one new array (in-place steps)."""
+    out = np.multiply(np.asarray(x, dtype=np.float32), np.float32(0.5))
+    np.tanh(out, out=out)
+    out += np.float32(1.0)
+    out *= np.float32(0.5)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- post-processing
@@ -147,7 +148,7 @@ def postprocess(prob: np.ndarray, threshold: float = 0.5, *, keep: int = 2, min_
     prob = np.asarray(prob)
     if prob.ndim != 2:
         raise ConfigError(f"probability map shape {prob.shape}: expected H x W")
-    labels, sizes, _ = _components(prob >= threshold)
+    labels, sizes = _components(prob >= threshold)
     n = len(sizes)
     if n == 0:
         return np.zeros(prob.shape, np.uint8)
@@ -203,13 +204,13 @@ def qc_flags(mask: np.ndarray, *, prob: np.ndarray | None = None, image: np.ndar
         flags.append("lung_area_low")
     elif fraction > QC_LUNG_FRACTION[1]:
         flags.append("lung_area_high")
-    sizes, centroid_x = _component_stats(mask)
+    labels, sizes = _components(mask)
     n = len(sizes)
     order = np.argsort(sizes, kind="stable")[::-1]  # CPU-independent order of equal sizes (see postprocess)
     if n < 2 or sizes[order[1]] < QC_MISSING_RATIO * sizes[order[0]]:
         flags.append("one_lung_missing")
     else:
-        cx = [float(centroid_x[i]) for i in (order[0], order[1])]
+        cx = [_mean_column(labels, int(i) + 1) for i in (order[0], order[1])]
         mid = (mask.shape[1] - 1) / 2
         if (cx[0] - mid) * (cx[1] - mid) > 0:
             flags.append("lungs_same_side")
@@ -348,11 +349,12 @@ class LungSegmenter:
         arrays = [check_gray(im, i, min_side=8) for i, im in enumerate(images)]
         return segmenter_input(arrays, self.config)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Lung probabilities ``(N, S, S)`` for a batch from :meth:`network_input` (the U-Net's forward pass)."""
+    def forward(self, x: np.ndarray, *, split: int = 1) -> np.ndarray:
+        """Lung probabilities ``(N, S, S)`` for a batch from :meth:`network_input` (the U-Net's forward pass;
+        ``split`` as :meth:`covidcxr.runtime.OnnxNetwork.run`)."""
         if not len(x):
             return np.zeros((0, self.input_size, self.input_size), np.float32)
-        logits = self.network.run(x, ["logits"], batch_size=self.batch_size)["logits"]
+        logits = self.network.run(x, ["logits"], batch_size=self.batch_size, split=split)["logits"]
         return _sigmoid(logits[:, 0])
 
     def predict(self, images: Sequence[np.ndarray] | np.ndarray) -> list[SegResult]:
