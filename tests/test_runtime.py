@@ -103,7 +103,7 @@ def test_split_runs_give_the_same_outputs(unet_dir, n: int, split: int) -> None:
     net = OnnxNetwork(folder / "lung_unet.onnx", threads=2)
     x = np.random.default_rng(n).random((n, 1, 32, 32), dtype=np.float32)
     whole = net.run(x)["logits"]
-    got = net.run(x, split=split, batch_size=2)["logits"]
+    got = net.run(x, split=np.int64(split), batch_size=np.int64(2))["logits"]  # numpy integers are integers too
     assert got.shape == whole.shape and got.tobytes() == whole.tobytes()
     with pytest.raises(ConfigError, match="split=0"):
         net.run(x, split=0)

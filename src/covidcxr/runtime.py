@@ -162,11 +162,11 @@ class OnnxNetwork:
         if x.ndim != 4:
             raise ConfigError(f"network input of shape {x.shape}: expected (N, C, H, W)")
         for key, value in (("batch_size", batch_size), ("split", split)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
                 raise ConfigError(f"{key}={value!r}: must be a positive integer")
         if len(x) == 0:
             return {n: np.zeros((0,), np.float32) for n in names}
-        parts = min(split, len(x) // 2)
+        parts = min(int(split), len(x) // 2)
         if parts <= 1:
             return self._run_batches(self.session, x, names, batch_size)
         session = self._single_session()
