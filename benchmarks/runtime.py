@@ -496,6 +496,9 @@ def in_process_only(args: argparse.Namespace, paths_file: Path, env: dict[str, s
     src = args.src.resolve()
     commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True, text=True,
+                           check=False).stdout.strip()
+    commit += "+uncommitted changes" if dirty else ""  # the run measured the working tree, not the commit
     result = {"benchmark": "runtime_in_process", "command": command,
               "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "machine": machine,
               "source": {"path": str(src), "commit": commit}, "in_process": ip,

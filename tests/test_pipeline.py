@@ -94,6 +94,10 @@ def test_loop_equals_one_image_at_a_time(toy, rows: pd.DataFrame) -> None:
         one = art.analyze(image, explain=False)
         assert float(one.prob[0]) == table.loc[i, "prob"]
         assert one.embeddings[0].tobytes() == emb[i].tobytes()
+        (gate,) = art.gate(one, [image])
+        assert ("ok" if gate.usable else "no_result") == table.loc[i, "status"]
+        # The gate's distance is a BLAS product: one thread sums in another order than several (last bits only).
+        assert gate.distance == pytest.approx(table.loc[i, "ood_distance"], rel=1e-5, abs=1e-6)
 
 
 def test_pipelined_loop_reports_an_unreadable_file_mid_batch(toy, rows: pd.DataFrame) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -95,16 +96,17 @@ def test_run_checks_outputs_and_shapes(unet_dir) -> None:
         net.run(x[0])
 
 
-@pytest.mark.parametrize("n", [1, 2, 5])
-@pytest.mark.parametrize("split", [2, 3, 8])
-def test_split_runs_give_the_same_outputs(unet_dir, n: int, split: int) -> None:
-    # A batch split over single-threaded sessions gives each image's outputs bit for bit as one session does.
+@pytest.mark.parametrize(("n", "split", "parts"), [(1, 2, 1), (3, 2, 1), (4, 2, 2), (7, 3, 3), (9, 8, 4)])
+def test_split_runs_give_the_same_outputs(unet_dir, n: int, split: int, parts: int) -> None:
+    # A batch split into parts run at once on the single-threaded session gives each image's outputs bit for bit as
+    # the multi-threaded session does; parts of fewer than two images are not made.
     folder, _, _ = unet_dir
     net = OnnxNetwork(folder / "lung_unet.onnx", threads=2)
     x = np.random.default_rng(n).random((n, 1, 32, 32), dtype=np.float32)
     whole = net.run(x)["logits"]
     got = net.run(x, split=np.int64(split), batch_size=np.int64(2))["logits"]  # numpy integers are integers too
     assert got.shape == whole.shape and got.tobytes() == whole.tobytes()
+    assert (net._single is not None) == (parts > 1)
     with pytest.raises(ConfigError, match="split=0"):
         net.run(x, split=0)
     with pytest.raises(ConfigError, match="split=True"):
@@ -117,13 +119,40 @@ def test_kernel_threads_sets_and_restores_opencv_and_blas() -> None:
 
     from covidcxr.runtime import kernel_threads
 
+    def blas() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    assert blas(), "numpy's OpenBLAS should be visible to threadpoolctl"
     before = cv2.getNumThreads()
-    blas_before = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-    with kernel_threads(1):
-        assert cv2.getNumThreads() == 1
-        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
-    assert cv2.getNumThreads() == before
-    assert [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"] == blas_before
+    cv2.setNumThreads(3)  # a setting of the caller's that must come back
+    try:
+        blas_before = blas()
+        with kernel_threads(1):
+            assert cv2.getNumThreads() == 1 and set(blas()) == {1}
+        assert cv2.getNumThreads() == 3 and blas() == blas_before
+        with pytest.raises(RuntimeError, match="inside"), kernel_threads(1):
+            raise RuntimeError("inside")
+        assert cv2.getNumThreads() == 3 and blas() == blas_before
+        # Blocks in two threads that overlap without nesting: the settings come back when the last one ends.
+        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+        def first() -> None:
+            with kernel_threads(1):
+                first_in.set()
+                second_in.wait(5)
+            first_out.set()
+
+        worker = threading.Thread(target=first)
+        worker.start()
+        first_in.wait(5)
+        with kernel_threads(1):
+            second_in.set()
+            first_out.wait(5)
+            assert cv2.getNumThreads() == 1  # the first block ended, this one still runs
+        worker.join(5)
+        assert cv2.getNumThreads() == 3 and blas() == blas_before
+    finally:
+        cv2.setNumThreads(before)
     with pytest.raises(ConfigError, match="kernel threads n=0"), kernel_threads(0):
         pass
 

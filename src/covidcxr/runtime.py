@@ -59,7 +59,12 @@ def check_precision(precision: str) -> str:
     raise ConfigError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
 
 
-def _threads() -> int:
+def inference_threads() -> int:
+    """Threads inference computes on: the CPUs this process may use, or ``COVIDCXR_THREADS``.
+
+    Raises:
+        ConfigError: ``COVIDCXR_THREADS`` is not an integer.
+    """
     from covidcxr.device import available_cpus
 
     env = os.environ.get("COVIDCXR_THREADS")
@@ -98,7 +103,7 @@ class OnnxNetwork:
     Args:
         path: The ``.onnx`` file.
         sha256: Expected SHA-256 of the file (from the model's config); None skips the check.
-        threads: Intra-op threads; None = the CPUs this process may use (``COVIDCXR_THREADS`` overrides).
+        threads: Intra-op threads; None = :func:`inference_threads`.
 
     Raises:
         ModelError: The file is missing, its hash differs, or ONNX Runtime cannot load it.
@@ -115,13 +120,12 @@ class OnnxNetwork:
         if sha256 is not None and digest != sha256:
             raise ModelError(f"{path}: exported network is corrupt or was replaced (SHA-256 {digest[:12]}... differs "
                              f"from the config's {str(sha256)[:12]}...); {EXPORT_HINT} again")
-        self.threads = int(threads or _threads())
+        self.threads = int(threads or inference_threads())
         self.session = _new_session(data, self.threads, path)
         self.path = path
         self.sha256 = digest
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._data = data
         self._single: Any = None  # the single-threaded session that split runs use, made on first use
         self._lock = threading.Lock()
 
@@ -134,25 +138,26 @@ class OnnxNetwork:
             batch_size: int = 32, split: int = 1) -> dict[str, np.ndarray]:
         """Run a batch (in chunks of ``batch_size``) and return the outputs by name.
 
-        With ``split`` > 1 the batch is cut into that many parts, each run by a single-threaded session in its own
-        thread, instead of every operator being spread over :attr:`threads` threads: for a batch of many images
-        that wastes less (no waiting of threads for each other after every operator; on 2 cores 200 CXRs through
-        the U-Net and the classifier took 4.0 s instead of 4.4 s), and the manifest loop's other stages still get
-        CPU time between the parts. Each image's outputs are the same either way (ONNX Runtime computes every
-        image alone, with the same kernels), which the tests check bit for bit.
+        With ``split`` > 1 the batch is cut into that many parts, run at once from as many threads on one
+        single-threaded session, instead of every operator being spread over :attr:`threads` threads: for a batch of
+        many images that wastes less (no threads waiting for each other after every operator; on 2 cores 200 CXRs
+        through the U-Net and the classifier took 4.1-4.3 s instead of 4.4-4.6 s, ``benchmarks/results/runtime*.md``).
+        Each image's outputs are the same either way (ONNX Runtime computes every image alone, with the same
+        kernels), which the tests check bit for bit.
 
         Args:
             x: float32 ``(N, C, H, W)``.
             outputs: Output names wanted (None = all).
             batch_size: Rows per session call.
-            split: Parts run at once on single-threaded sessions (1 = one session with :attr:`threads` threads);
-                at most ``N // 2`` parts are made, so each part has two images or more.
+            split: Parts run at once on the single-threaded session (1 = the session with :attr:`threads`
+                threads); at most ``N // 2`` parts are made, so each part has two images or more.
 
         Returns:
             ``{name: float32 array with N rows}``.
 
         Raises:
             ConfigError: An unknown output name, an input that is not 4-D, or a batch size or split below 1.
+            ModelError: (``split``) the ``.onnx`` file was replaced since it was loaded.
         """
         names = list(outputs) if outputs is not None else self.output_names
         unknown = [n for n in names if n not in self.output_names]
@@ -182,7 +187,14 @@ class OnnxNetwork:
             return self.session
         with self._lock:
             if self._single is None:
-                self._single = _new_session(self._data, 1, self.path)
+                # Read again rather than kept in memory from loading (most processes never split); the same bytes.
+                import hashlib
+
+                data = self.path.read_bytes() if self.path.is_file() else b""
+                if hashlib.sha256(data).hexdigest() != self.sha256:
+                    raise ModelError(f"{self.path}: exported network was replaced or removed since it was loaded; "
+                                     "load the model again")
+                self._single = _new_session(data, 1, self.path)
             return self._single
 
     def _run_batches(self, session: Any, x: np.ndarray, names: list[str], batch_size: int) -> dict[str, np.ndarray]:
@@ -194,18 +206,24 @@ class OnnxNetwork:
         return {n: np.concatenate(p) if len(p) > 1 else p[0] for n, p in zip(names, parts, strict=True)}
 
 
+_KERNEL_LOCK = threading.Lock()
+_kernel_users = 0
+_kernel_saved: tuple[int, Any] | None = None  # OpenCV's threads and the BLAS limiter from before the first block
+
+
 @contextmanager
 def kernel_threads(n: int = 1) -> Iterator[None]:
-    """OpenCV and the BLAS libraries (numpy's, SciPy's and OpenCV's own OpenBLAS) on ``n`` thread(s) inside the
-    block; their previous settings are restored after it. Process-wide: other threads' OpenCV/BLAS calls in the
-    meantime run on ``n`` threads too (only slower or faster, the results do not depend on it).
+    """OpenCV and the BLAS libraries (numpy's, SciPy's and OpenCV's own OpenBLAS) on ``n`` thread(s) while any such
+    block runs; the settings from before the first block come back when the last one ends (blocks in several threads
+    may overlap: the first one's ``n`` holds until then). Process-wide: other threads' OpenCV/BLAS calls meanwhile
+    run on ``n`` threads too, which changes their speed, not their results.
 
     Why: the manifest loop parallelises over images and pipeline stages with its own threads, and ONNX Runtime over
     each network's operators. OpenCV's and OpenBLAS's pools would add threads of their own to every small call
     (per-image resizes, distance transforms, connected components, the input-type check's 600 x 128 matrix
-    product) that busy-wait after it and take the cores from the networks: on 200 real CXRs with 2 cores
-    (``benchmarks/runtime.py``) they cost about 1.8 CPU seconds of the loop's ~12, for nothing. The loop's results
-    are identical either way (probabilities, masks, QC flags and gate status; checked by the test suite).
+    product) that busy-wait after it and take the cores from the networks. Probabilities, masks, QC flags and
+    labels do not change (tested); BLAS sums in another order on one thread, so the input gate's distances can
+    differ in the last bit.
 
     Args:
         n: Threads for OpenCV and BLAS (>= 1).
@@ -213,18 +231,28 @@ def kernel_threads(n: int = 1) -> Iterator[None]:
     Raises:
         ConfigError: ``n`` below 1.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    global _kernel_users, _kernel_saved
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
         raise ConfigError(f"kernel threads n={n!r}: expected a positive integer")
     import cv2
     from threadpoolctl import threadpool_limits
 
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(n)
+    with _KERNEL_LOCK:
+        if _kernel_users == 0:
+            before = cv2.getNumThreads()
+            cv2.setNumThreads(int(n))
+            _kernel_saved = (before, threadpool_limits(limits=int(n), user_api="blas"))
+        _kernel_users += 1
     try:
-        with threadpool_limits(limits=n, user_api="blas"):
-            yield
+        yield
     finally:
-        cv2.setNumThreads(before)
+        with _KERNEL_LOCK:
+            _kernel_users -= 1
+            if _kernel_users == 0 and _kernel_saved is not None:
+                before, limiter = _kernel_saved
+                limiter.restore_original_limits()
+                cv2.setNumThreads(before)
+                _kernel_saved = None
 
 
 def onnx_runtime_version() -> str:

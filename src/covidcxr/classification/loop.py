@@ -5,9 +5,9 @@ resizes it for the U-Net, one runs the U-Net on chunk ``k+1`` and one post-proce
 the classifier and checks what each input looks like, while the calling thread runs the classifier and the input
 gate on chunk ``k``. ONNX Runtime, OpenCV, Pillow and numpy release the GIL, so the stages overlap; each stage sees
 the same chunks in the same order as the serial loop (``pipeline=False``), so the results are identical. The
-networks run each chunk split over single-threaded sessions (:meth:`covidcxr.runtime.OnnxNetwork.run`), and OpenCV
-and BLAS run in the calling threads (:func:`covidcxr.runtime.kernel_threads`): the loop's threads already use the
-cores, and the libraries' own thread pools would only wait for each other.
+networks run each chunk in parts at once on a single-threaded session (:meth:`covidcxr.runtime.OnnxNetwork.run`), and
+OpenCV and BLAS run in the calling threads (:func:`covidcxr.runtime.kernel_threads`): the loop's threads already use
+the cores, and the libraries' own thread pools would only wait for each other.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from covidcxr.data.manifest import has_path
 from covidcxr.errors import ConfigError, CxrError, ImageError
 from covidcxr.io.files import write_json
 from covidcxr.io.image import read_mask
-from covidcxr.runtime import kernel_threads
+from covidcxr.runtime import inference_threads, kernel_threads
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +219,10 @@ class _Stages:
         self.embeddings = embeddings
         self.gating = gating
         self.bf16 = bf16
-        # Each network call is split over the CPUs' single-threaded sessions (OnnxNetwork.run): a chunk is many
-        # images, and whole images in parallel waste less than every operator spread over the threads.
-        from covidcxr.device import available_cpus
-
-        self.split = available_cpus()
+        # Each network call is split into one part per inference thread, run at once on a single-threaded session
+        # (OnnxNetwork.run): a chunk is many images, and whole images in parallel waste less than every operator
+        # spread over the threads.
+        self.split = inference_threads()
         self.caches = {key: MaskCache(mask_dir, key) for key in sorted(artifact.segmenter_keys)}
         # The first member with a given segmenter segments for all of them (as BaseArtifact.member_masks).
         self.segmenters = {m.segmenter_key: m for m in reversed(artifact.members) if m.segmenter_key is not None}

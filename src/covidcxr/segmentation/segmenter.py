@@ -122,7 +122,8 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     """Overflow-free logistic in float32, ``0.5 * (1 + tanh(x / 2))``, in one new array (in-place steps)."""
-    out = np.multiply(np.asarray(x, dtype=np.float32), np.float32(0.5))
+    x = np.asarray(x, dtype=np.float32)
+    out = np.multiply(x, np.float32(0.5), out=np.empty(x.shape, np.float32))
     np.tanh(out, out=out)
     out += np.float32(1.0)
     out *= np.float32(0.5)

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 def normalise(x: torch.Tensor, mode: str) -> torch.Tensor:
     """Normalise a batch ``(N, C, H, W)`` of [0, 1] images as a model config says.
 
+    The mean and standard deviation are computed in float64 and rounded to the batch's dtype, then applied in it:
+    float32 sums over 65,536 pixels are only as exact as each runtime's reduction order, and the exported U-Net
+    (which carries this function in its graph) gave P(lung) up to 3.5e-4 away from torch that way, enough to flip
+    mask pixels on the threshold; with float64 statistics both agree within 7e-6 (``benchmarks/runtime.py``).
+
     Args:
         x: Batch of images in [0, 1].
         mode: ``'zscore'`` (per image: zero mean, unit variance; robust to exposure and contrast differences
@@ -39,11 +44,6 @@ def normalise(x: torch.Tensor, mode: str) -> torch.Tensor:
 
     Raises:
         ConfigError: Unknown mode.
-
-    The mean and standard deviation are computed in float64 and rounded to the batch's dtype, then applied in it:
-    float32 sums over 65,536 pixels are only as exact as each runtime's reduction order, and the exported U-Net
-    (which carries this function in its graph) gave P(lung) up to 3.5e-4 away from torch that way, enough to flip
-    mask pixels on the threshold; with float64 statistics both agree within 7e-6 (``benchmarks/runtime.py``).
     """
     if mode == "unit":
         return x
