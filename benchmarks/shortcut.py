@@ -58,12 +58,11 @@ def image_cache(df: pd.DataFrame, mode: str, size: int, work: Path) -> np.ndarra
     from covidcxr.classification.artifact import segmenter_files
     from covidcxr.classification.cache import build_image_cache
     from covidcxr.classification.loop import MaskCache
-    from covidcxr.io.files import file_sha256
     from covidcxr.segmentation.segmenter import LungSegmenter
 
     seg_weights = segmenter_files(None)[0]
     segmenter = LungSegmenter.load(seg_weights, device="cpu", batch_size=16, precision="fp32")
-    masks = MaskCache(work / "masks", file_sha256(seg_weights))
+    masks = MaskCache(work / "masks", segmenter.cache_key)
     t0 = time.perf_counter()
     cache, _ = build_image_cache(df, mode, size, segmenter=segmenter, mask_cache=masks, num_workers=2,
                                  uint8=False, progress=False)

@@ -100,6 +100,17 @@ def test_loop_equals_one_image_at_a_time(toy, rows: pd.DataFrame) -> None:
         assert gate.distance == pytest.approx(table.loc[i, "ood_distance"], rel=1e-5, abs=1e-6)
 
 
+def test_mask_cache_is_filed_under_the_segmenters_graph(toy, rows: pd.DataFrame, tmp_path: Path) -> None:
+    # Masks come from the exported graph, not from the weights alone: a graph re-exported with other numerics must
+    # not find the masks of the old one, so the cache folder is named by the graph's SHA-256.
+    art = load_artifact(toy.model_dir, "cpu")
+    good = rows.drop(index=BAD_ROW).head(3).reset_index(drop=True)
+    predict_manifest(art, good, batch_size=4, num_workers=1, mask_dir=tmp_path)
+    graph, weights = art.segmenter.cache_key, art.segmenter_key
+    assert graph != weights
+    assert [p.name for p in tmp_path.iterdir()] == [graph[:16]]
+
+
 def test_pipelined_loop_reports_an_unreadable_file_mid_batch(toy, rows: pd.DataFrame) -> None:
     table, _ = _run(toy, rows, pipeline=True, on_error="report")
     assert table["image"].tolist() == rows["image"].tolist()

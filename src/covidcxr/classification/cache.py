@@ -25,7 +25,6 @@ from covidcxr.data.manifest import both_label_mask, has_path
 from covidcxr.device import uses_cuda
 from covidcxr.errors import ConfigError
 from covidcxr.evaluation.calibration import apply_temperature
-from covidcxr.io.files import file_sha256
 from covidcxr.transforms.augment import build_train_transform
 from covidcxr.transforms.preprocess import PreprocessCfg, preprocess, to_uint8
 from covidcxr.vocab import LABELS, SEG_MODES
@@ -249,7 +248,7 @@ def _prepare_data(df: pd.DataFrame, cfg: TrainConfig, out: Path) -> _Data:
         seg_device = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
         segmenter = LungSegmenter.load(seg_weights, device=seg_device, batch_size=32,
                                        precision="auto" if cfg.bf16_inference else "fp32")
-        mask_cache = MaskCache(cfg.mask_dir or out / "masks", file_sha256(seg_weights))
+        mask_cache = MaskCache(cfg.mask_dir or out / "masks", segmenter.cache_key)
     idx = {s: np.flatnonzero((df["split"] == s).to_numpy()) for s in ("train", "val", "test")}
     t0 = time.perf_counter()
     cache_args = {"segmenter": segmenter, "mask_cache": mask_cache, "num_workers": cfg.num_workers,

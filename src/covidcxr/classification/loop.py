@@ -48,7 +48,8 @@ class MaskCache:
 
     Args:
         root: Cache folder (None disables caching).
-        segmenter_sha: SHA-256 of the segmenter weights.
+        segmenter_sha: The segmenter's :attr:`~covidcxr.segmentation.segmenter.LungSegmenter.cache_key` (the
+            SHA-256 of the graph that computes the masks).
     """
 
     def __init__(self, root: str | Path | None, segmenter_sha: str) -> None:
@@ -223,9 +224,10 @@ class _Stages:
         # (OnnxNetwork.run): a chunk is many images, and whole images in parallel waste less than every operator
         # spread over the threads.
         self.split = inference_threads()
-        self.caches = {key: MaskCache(mask_dir, key) for key in sorted(artifact.segmenter_keys)}
         # The first member with a given segmenter segments for all of them (as BaseArtifact.member_masks).
         self.segmenters = {m.segmenter_key: m for m in reversed(artifact.members) if m.segmenter_key is not None}
+        self.caches = {key: MaskCache(mask_dir, self.segmenters[key].segmenter.cache_key if mask_dir else key)
+                       for key in sorted(artifact.segmenter_keys)}
 
     def decode(self, chunk: _Chunk) -> _Chunk:
         """Decode the chunk's images, look up given or cached masks, resize the rest for the U-Net."""

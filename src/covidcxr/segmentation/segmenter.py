@@ -324,6 +324,12 @@ class LungSegmenter:
         """Model input side in pixels."""
         return int(self.config["input_size"])
 
+    @property
+    def cache_key(self) -> str:
+        """What cached masks are filed under: the SHA-256 of the exported graph that computes them (the weights'
+        hash is not enough: a re-export with other numerics, as the float64 input statistics, moves mask pixels)."""
+        return str(self.network.sha256)
+
     def predict_proba(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Lung probabilities at model resolution.
 
