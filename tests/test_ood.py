@@ -34,6 +34,20 @@ def test_threshold_is_the_validation_quantile_and_far_points_fail() -> None:
         ref.distances(np.zeros((1, 8), np.float32))
 
 
+def test_distances_do_not_depend_on_the_batch() -> None:
+    # The gate compares a distance with a threshold: an image's distance must not move with the images batched
+    # beside it (float32 BLAS blocks by batch size and sums in another order: 1e-7 apart).
+    rng = np.random.default_rng(3)
+    ref = OODReference(_unit(rng.normal(size=(1306, 1280))), threshold=0.2)
+    q = _unit(rng.normal(size=(45, 1280)))
+    whole = ref.distances(q)
+    exact = 1.0 - np.sort(q.astype(np.float64) @ ref.embeddings.astype(np.float64).T, axis=1)[:, ::-1][:, :5].mean(1)
+    np.testing.assert_allclose(whole, exact, rtol=0, atol=1e-13)
+    for size in (1, 7, 32):
+        parts = np.concatenate([ref.distances(q[s : s + size]) for s in range(0, len(q), size)])
+        np.testing.assert_allclose(parts, whole, rtol=0, atol=1e-13)
+
+
 def test_reference_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     ref = OODReference(_unit(rng.normal(size=(20, 8))), 0.3, k=3)

@@ -90,22 +90,30 @@ class OODReference:
         if embeddings.ndim != 2 or len(embeddings) < k:
             raise ConfigError(f"OOD reference needs at least k={k} embeddings, got shape {embeddings.shape}")
         self.embeddings = np.asarray(embeddings, dtype=np.float32)
+        self._reference64: np.ndarray | None = None  # float64 copy for distances, made on first use
         self.threshold = float(threshold)
         self.k = int(k)
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
-        """Mean cosine distance of each row to its ``k`` nearest reference embeddings."""
+        """Mean cosine distance of each row to its ``k`` nearest reference embeddings.
+
+        The products are summed in float64: in float32 the last bits depend on the BLAS kernel (the CPU), its
+        threads and the batch size (1.2e-7 apart between two chunkings of the same images), and the gate compares
+        the distance with a threshold."""
         q = np.asarray(embeddings, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
             raise ConfigError(f"embeddings of shape {q.shape} do not fit a {self.embeddings.shape[1]}-d reference")
-        sim = q @ self.embeddings.T
+        if self._reference64 is None:
+            self._reference64 = self.embeddings.astype(np.float64)
+        sim = q.astype(np.float64) @ self._reference64.T
         top = -np.partition(-sim, self.k - 1, axis=1)[:, : self.k]
         return (1.0 - top.mean(axis=1)).astype(np.float64)
 
     def self_distances(self) -> np.ndarray:
         """Each reference embedding's distance to its ``k`` nearest *other* reference embeddings (leave-one-out),
         i.e. how an in-distribution training image scores when it is not its own neighbour."""
-        sim = self.embeddings @ self.embeddings.T
+        ref = self.embeddings.astype(np.float64)
+        sim = ref @ ref.T
         np.fill_diagonal(sim, -np.inf)
         top = -np.partition(-sim, self.k - 1, axis=1)[:, : self.k]
         return (1.0 - top.mean(axis=1)).astype(np.float64)
