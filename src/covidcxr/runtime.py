@@ -76,6 +76,24 @@ def inference_threads() -> int:
     return available_cpus()
 
 
+def _read_graph(path: Path, sha256: str | None) -> tuple[bytes, str]:
+    """The ``.onnx`` file's bytes and SHA-256, checked against ``sha256`` when given.
+
+    Raises:
+        ModelError: The file is missing or its hash differs.
+    """
+    import hashlib
+
+    if not path.is_file():
+        raise ModelError(f"{path}: exported network (ONNX) missing; {EXPORT_HINT}")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise ModelError(f"{path}: exported network is corrupt or was replaced (SHA-256 {digest[:12]}... differs "
+                         f"from the config's {str(sha256)[:12]}...); {EXPORT_HINT} again")
+    return data, digest
+
+
 def _new_session(data: bytes, threads: int, path: Path) -> Any:
     """An ONNX Runtime CPU session (float32) with ``threads`` intra-op threads."""
     try:
@@ -111,15 +129,7 @@ class OnnxNetwork:
 
     def __init__(self, path: str | os.PathLike[str], *, sha256: str | None = None, threads: int | None = None) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"{path}: exported network (ONNX) missing; {EXPORT_HINT}")
-        data = path.read_bytes()
-        import hashlib
-
-        digest = hashlib.sha256(data).hexdigest()
-        if sha256 is not None and digest != sha256:
-            raise ModelError(f"{path}: exported network is corrupt or was replaced (SHA-256 {digest[:12]}... differs "
-                             f"from the config's {str(sha256)[:12]}...); {EXPORT_HINT} again")
+        data, digest = _read_graph(path, sha256)
         self.threads = int(threads or inference_threads())
         self.session = _new_session(data, self.threads, path)
         self.path = path
@@ -157,7 +167,7 @@ class OnnxNetwork:
 
         Raises:
             ConfigError: An unknown output name, an input that is not 4-D, or a batch size or split below 1.
-            ModelError: (``split``) the ``.onnx`` file was replaced since it was loaded.
+            ModelError: (``split``) the ``.onnx`` file was replaced or removed since it was loaded.
         """
         names = list(outputs) if outputs is not None else self.output_names
         unknown = [n for n in names if n not in self.output_names]
@@ -188,13 +198,7 @@ class OnnxNetwork:
         with self._lock:
             if self._single is None:
                 # Read again rather than kept in memory from loading (most processes never split); the same bytes.
-                import hashlib
-
-                data = self.path.read_bytes() if self.path.is_file() else b""
-                if hashlib.sha256(data).hexdigest() != self.sha256:
-                    raise ModelError(f"{self.path}: exported network was replaced or removed since it was loaded; "
-                                     "load the model again")
-                self._single = _new_session(data, 1, self.path)
+                self._single = _new_session(_read_graph(self.path, self.sha256)[0], 1, self.path)
             return self._single
 
     def _run_batches(self, session: Any, x: np.ndarray, names: list[str], batch_size: int) -> dict[str, np.ndarray]:

@@ -90,7 +90,7 @@ class OODReference:
         if embeddings.ndim != 2 or len(embeddings) < k:
             raise ConfigError(f"OOD reference needs at least k={k} embeddings, got shape {embeddings.shape}")
         self.embeddings = np.asarray(embeddings, dtype=np.float32)
-        self._reference64: np.ndarray | None = None  # float64 copy for distances, made on first use
+        self._reference64: np.ndarray | None = None  # float64 copy for distances (:meth:`_reference`)
         self.threshold = float(threshold)
         self.k = int(k)
 
@@ -103,20 +103,25 @@ class OODReference:
         q = np.asarray(embeddings, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
             raise ConfigError(f"embeddings of shape {q.shape} do not fit a {self.embeddings.shape[1]}-d reference")
-        if self._reference64 is None:
-            self._reference64 = self.embeddings.astype(np.float64)
-        sim = q.astype(np.float64) @ self._reference64.T
+        sim = q.astype(np.float64) @ self._reference().T
         top = -np.partition(-sim, self.k - 1, axis=1)[:, : self.k]
         return (1.0 - top.mean(axis=1)).astype(np.float64)
 
     def self_distances(self) -> np.ndarray:
         """Each reference embedding's distance to its ``k`` nearest *other* reference embeddings (leave-one-out),
         i.e. how an in-distribution training image scores when it is not its own neighbour."""
-        ref = self.embeddings.astype(np.float64)
+        ref = self._reference()
         sim = ref @ ref.T
         np.fill_diagonal(sim, -np.inf)
         top = -np.partition(-sim, self.k - 1, axis=1)[:, : self.k]
         return (1.0 - top.mean(axis=1)).astype(np.float64)
+
+    def _reference(self) -> np.ndarray:
+        """The reference embeddings in float64, converted once on first use (not at load: a one-image predict that
+        stops before the gate does not pay for it)."""
+        if self._reference64 is None:
+            self._reference64 = self.embeddings.astype(np.float64)
+        return self._reference64
 
     def save(self, directory: str | Path) -> dict[str, Any]:
         """Write ``ood_reference.npz`` into ``directory``; returns the ``config["ood"]`` entry."""
